@@ -1,0 +1,47 @@
+"""Task distributions by name.
+
+`get_distribution(name, **options)` builds a scenario's distribution; `options` are the
+scenario's `task_options` from the config (for example a gridworld's size). Modules are imported
+lazily so that tabular work never imports MuJoCo.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .base import BatchEnv, StepResult, Task, TaskDistribution, TaskParamError
+
+# name -> "module:ClassName" (relative to safemeta.tasks)
+_REGISTRY: dict[str, str] = {
+    "tabular_grid": "tabular:GridworldDistribution",
+    "tabular_random": "tabular:RandomCMDPDistribution",
+}
+
+
+def register(name: str, target: str) -> None:
+    """Register a distribution class as `"module:Class"` under `name`."""
+    if name in _REGISTRY and _REGISTRY[name] != target:
+        raise ValueError(f"scenario name {name!r} is already registered to {_REGISTRY[name]}")
+    _REGISTRY[name] = target
+
+
+def distribution_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_distribution(name: str, **options: Any) -> TaskDistribution:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown task distribution {name!r}; known: {', '.join(distribution_names())}")
+    module_name, class_name = _REGISTRY[name].split(":")
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    cls = getattr(module, class_name)
+    try:
+        return cls(**options)
+    except TypeError as exc:  # unknown or missing option: say which distribution
+        raise TaskParamError(f"{name}: bad task_options {sorted(options)}: {exc}") from None
+
+
+__all__ = [
+    "BatchEnv", "StepResult", "Task", "TaskDistribution", "TaskParamError",
+    "distribution_names", "get_distribution", "register",
+]
