@@ -1,0 +1,2 @@
+"""safemeta: safe meta-reinforcement learning with dual-method policy adaptation."""
+__version__ = "0.1.0"

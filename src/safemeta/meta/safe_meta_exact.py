@@ -1,0 +1,245 @@
+"""Alg. 2 on tabular CMDPs, exactly: the safe meta-gradient and safe meta-policy training.
+
+Meta-objective of one task: J_tau(A^s(pi_phi)) with A^s the exact dual-PGD adaptation. The
+meta-policy is a tabular softmax, f_phi = log pi_phi = log_softmax(phi) (section 2).
+
+Meta-gradients (`kind`):
+- "full": Prop. 3 (App. F.3): the total derivative of J_tau(pi^tau(phi, u*(phi))), with
+  grad eta and grad Qbar included and grad u* from the implicit function theorem on the active
+  multipliers (Prop. 7): du*_A/dphi = -H^-1 d(grad_u L)_A/dphi, H the dual Hessian on the active
+  set. Exact up to the dual solver tolerance; the reference the others are checked against.
+- "eq6": eq. (6), the paper's Hessian-free meta-gradient: Prop. 3 with grad u* = 0, i.e. the
+  derivative of J_tau(pi^tau(phi, u)) in phi at fixed u = u*(phi). It keeps grad f_phi and
+  eta^-1 grad Qbar (through Q_tau^{pi_phi}, Q_ci^{pi_phi}, App. F.3.2). Note: Prop. 3 as printed
+  weights the score by Q^{pi^tau}; Lemma 3, on which it rests, gives the advantage A^{pi^tau}
+  (a centred score). We differentiate the closed form itself, which is the derivative the
+  proposition states; a literal un-centred Q weighting differs from it by
+  E_{nu^tau}[E_{pi^tau}[grad(f + Qbar/eta)] V^{pi^tau}(s)] / (1-gamma).
+- "first_order": Alg. 4 line 7, (1/(1-gamma)) E_{s~nu^tau, a~pi^tau}[grad f_phi(s,a) Q^tau(s,a)]:
+  drops the eta^-1 grad Qbar term (what the sampled algorithm estimates).
+
+Meta-training (Alg. 2): each iteration draws a batch of training tasks. A task whose
+meta-policy cost is within d + delta contributes its meta-gradient (line 7); a task that
+violates a constraint contributes the negative gradient of its most violated cost (lines
+10-11; "any i_n" in the paper, we take the largest violation). The batch direction is the mean
+of the per-task directions, so with one task per iteration this is Alg. 2 exactly. One TRPO
+step (line 8/12) follows, with the exact Fisher of the meta-policy averaged over the batch's
+visitation distributions, the mean KL over the batch as the trust region, and the exact batch
+objective (mean of J_tau(A^s(pi_phi)) for the first kind of task and -J_{c_i,tau}(pi_phi) for
+the second) for the line search's improvement check.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..adaptation.dual_pgd import AdaptResult, adapt_tabular, adapted_logits, as_vector, dual_gradient
+from ..optim import trpo_step
+from ..tasks.tabular import TabularCMDP, evaluate, evaluate_torch
+
+META_GRADIENTS = ("eq6", "full", "first_order")
+
+
+@dataclass(frozen=True)
+class AdaptationSettings:
+    """Hyper-parameters of A^s (the paper's Table 2 row) and the dual solver."""
+
+    lam: float = 1.0
+    lam_c: float | list[float] = 1.0
+    delta: float | list[float] = 0.0
+    dual_tol: float = 1e-10
+    dual_max_iter: int = 5000
+
+    def adapt(self, cmdp: TabularCMDP, logits: np.ndarray, delta: float | list[float] | None = None) -> AdaptResult:
+        return adapt_tabular(cmdp, logits, self.lam, self.lam_c, self.delta if delta is None else delta,
+                             tol=self.dual_tol, max_iter=self.dual_max_iter)
+
+
+@dataclass
+class MetaGradient:
+    value: float               # J_tau(A^s(pi_phi))
+    grad: np.ndarray           # [S, A] gradient of `value` w.r.t. phi (per `kind`)
+    adapt: AdaptResult
+
+
+def meta_gradient(cmdp: TabularCMDP, logits: np.ndarray, adaptation: AdaptationSettings,
+                  kind: str = "eq6") -> MetaGradient:
+    """Meta-gradient of J_tau(A^s(pi_phi)) w.r.t. the logits phi, of the given kind (module doc)."""
+    if kind not in META_GRADIENTS:
+        raise ValueError(f"meta_gradient must be one of {META_GRADIENTS}, got {kind!r}")
+    res = adaptation.adapt(cmdp, logits)
+    gamma, p = cmdp.gamma, cmdp.num_constraints
+    lam_c = torch.from_numpy(as_vector(adaptation.lam_c, p, "lam_c"))
+    phi = torch.tensor(np.asarray(logits), dtype=torch.float64, requires_grad=True)
+    log_pi = torch.log_softmax(phi, dim=-1)
+
+    if kind == "first_order":  # Alg. 4 line 7 with exact nu^tau, pi^tau, Q^tau
+        log_pu = torch.from_numpy(res.logits)
+        ev_tau = evaluate_torch(cmdp, log_pu.exp())
+        surrogate = (ev_tau.nu[:, None] * log_pu.exp() * ev_tau.Q * log_pi).sum() / (1.0 - gamma)
+        grad = torch.autograd.grad(surrogate, phi)[0]
+        return MetaGradient(float(ev_tau.J), grad.numpy(), res)
+
+    ev = evaluate_torch(cmdp, log_pi.exp())
+    u = torch.tensor(res.u, dtype=torch.float64, requires_grad=(kind == "full"))
+    log_pu = adapted_logits(log_pi, ev.A, ev.Ac, u, adaptation.lam, lam_c, gamma)  # eq. (3)
+    J = evaluate_torch(cmdp, log_pu.exp()).J
+    if kind == "eq6" or not (res.u > 0).any():
+        grad = torch.autograd.grad(J, phi)[0]
+        return MetaGradient(float(J.detach()), grad.numpy(), res)
+
+    # kind == "full": add (dJ/du_A) du*_A/dphi by the implicit function theorem (Prop. 7)
+    grad_phi, grad_u = torch.autograd.grad(J, [phi, u], retain_graph=True)
+    active = np.flatnonzero(res.u > 0)
+    delta = torch.from_numpy(as_vector(adaptation.delta, p, "delta"))
+    d_prime = (1.0 - gamma) * (torch.from_numpy(cmdp.d) + delta - ev.Jc)
+    G = dual_gradient(u, log_pi, ev.A, ev.Ac, ev.nu, d_prime, adaptation.lam, lam_c, gamma)  # eq. (5)
+    H = torch.stack([torch.autograd.grad(G[i], u, retain_graph=True)[0][active] for i in active])
+    w = torch.linalg.solve(H, grad_u[active])
+    correction = torch.autograd.grad((w * G[active]).sum(), phi)[0]
+    return MetaGradient(float(J.detach()), (grad_phi - correction).numpy(), res)
+
+
+def cost_gradient(cmdp: TabularCMDP, logits: np.ndarray, i: int) -> tuple[float, np.ndarray]:
+    """J_ci(pi_phi) and its exact policy gradient w.r.t. phi (Alg. 2 line 11)."""
+    phi = torch.tensor(np.asarray(logits), dtype=torch.float64, requires_grad=True)
+    Jc = evaluate_torch(cmdp, torch.softmax(phi, dim=-1)).Jc[i]
+    return float(Jc), torch.autograd.grad(Jc, phi)[0].numpy()
+
+
+def softmax_fisher_vector_product(probs: np.ndarray, weights: np.ndarray) -> Callable[[torch.Tensor], torch.Tensor]:
+    """v -> F v for a tabular softmax: F = sum_s w(s) (diag pi_s - pi_s pi_s^T), v flat [S*A]."""
+    pi = torch.from_numpy(probs)
+    w = torch.from_numpy(weights)[:, None]
+
+    def fvp(v: torch.Tensor) -> torch.Tensor:
+        v = v.reshape(pi.shape)
+        return (w * pi * (v - (pi * v).sum(-1, keepdim=True))).reshape(-1)
+
+    return fvp
+
+
+def mean_kl(old_probs: np.ndarray, weights: np.ndarray, new_logits: np.ndarray) -> float:
+    """sum_s w(s) KL(pi_old(.|s) || pi_new(.|s)) (w sums to 1 for a visitation distribution)."""
+    log_new = new_logits - np.logaddexp.reduce(new_logits, axis=-1, keepdims=True)
+    log_old = np.log(np.clip(old_probs, 1e-300, None))
+    return float((weights * (old_probs * (log_old - log_new)).sum(-1)).sum())
+
+
+# --------------------------------------------------------------------------- meta-training
+@dataclass(frozen=True)
+class MetaTrainSettings:
+    iterations: int = 50
+    tasks_per_iteration: int = 5
+    meta_gradient: str = "eq6"
+    max_kl: float = 0.01
+    cg_iters: int = 20
+    cg_damping: float = 1e-3
+    backtrack_steps: int = 10
+
+
+@dataclass
+class MetaTrainState:
+    """Everything needed to continue meta-training bit for bit (checkpointed every iteration)."""
+
+    iteration: int
+    logits: np.ndarray
+    rng_state: dict[str, Any]
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def initial_state(num_states: int, num_actions: int, seed: int) -> MetaTrainState:
+    """Uniform meta-policy (phi = 0) and the batch-sampling generator of this seed."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 2]))
+    return MetaTrainState(0, np.zeros((num_states, num_actions)), rng.bit_generator.state)
+
+
+def evaluate_meta_policy(cmdps: list[TabularCMDP], logits: np.ndarray, adaptation: AdaptationSettings) -> dict[str, np.ndarray]:
+    """Exact reward/cost of the meta-policy and of its one-step adaptation on each task."""
+    out: dict[str, list] = {k: [] for k in ("meta_reward", "meta_cost", "reward", "cost", "u", "adapt_kl", "feasible")}
+    for cmdp in cmdps:
+        res = adaptation.adapt(cmdp, logits)
+        adapted = evaluate(cmdp, np.exp(res.logits))
+        out["meta_reward"].append(res.meta_eval.J)
+        out["meta_cost"].append(res.meta_eval.Jc)
+        out["reward"].append(adapted.J)
+        out["cost"].append(adapted.Jc)
+        out["u"].append(res.u)
+        out["adapt_kl"].append(res.kl)
+        out["feasible"].append(res.feasible)
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def meta_train_exact(train: list[TabularCMDP], evaluation: list[TabularCMDP], settings: MetaTrainSettings,
+                     adaptation: AdaptationSettings, state: MetaTrainState,
+                     on_iteration: Callable[[MetaTrainState], None] | None = None) -> MetaTrainState:
+    """Run Alg. 2 from `state` until `settings.iterations`; returns the final state.
+
+    records[n] holds the exact evaluation of phi_n on the evaluation tasks (meta-policy and
+    one-step adapted policy) and the statistics of the step taken from phi_n; a last record
+    (n = iterations) holds the evaluation of the final meta-policy only.
+    """
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state.rng_state
+    logits = state.logits.copy()
+    delta_of = [as_vector(adaptation.delta, m.num_constraints, "delta") for m in train]
+    for n in range(state.iteration, settings.iterations + 1):
+        t0 = time.perf_counter()
+        record: dict[str, Any] = {"iteration": n, **evaluate_meta_policy(evaluation, logits, adaptation)}
+        if n == settings.iterations:
+            record["time_compute"] = time.perf_counter() - t0
+            state.records.append(record)
+            state.iteration = n + 1  # finished: a second call adds nothing
+            break
+        batch = rng.choice(len(train), size=settings.tasks_per_iteration,
+                           replace=settings.tasks_per_iteration > len(train))
+        probs = np.exp(logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True))
+        grads, branches, nus = [], [], []
+        for k in batch:
+            cmdp = train[k]
+            ev = evaluate(cmdp, probs)
+            nus.append(ev.nu)
+            violation = ev.Jc - cmdp.d - delta_of[k]
+            if (violation <= 0).all():                                     # line 4
+                g = meta_gradient(cmdp, logits, adaptation, settings.meta_gradient)
+                grads.append(g.grad)                                       # line 7
+                branches.append(("meta", k, -1))
+            else:
+                i = int(np.argmax(violation))                              # line 10
+                grads.append(-cost_gradient(cmdp, logits, i)[1])           # line 11 (descent on J_ci)
+                branches.append(("cost", k, i))
+        grad = np.mean(grads, axis=0)
+        if not np.isfinite(grad).all():
+            raise FloatingPointError(f"meta-training iteration {n}: the meta-gradient has non-finite entries")
+
+        def objective(flat: torch.Tensor) -> float:
+            new = flat.reshape(logits.shape).numpy()
+            values = []
+            for branch, k, i in branches:
+                if branch == "meta":
+                    res = adaptation.adapt(train[k], new)
+                    values.append(evaluate(train[k], np.exp(res.logits)).J)
+                else:
+                    values.append(-evaluate(train[k], np.exp(new - np.logaddexp.reduce(new, -1, keepdims=True))).Jc[i])
+            return float(np.mean(values))
+
+        weights = np.mean(nus, axis=0)
+        step = trpo_step(torch.from_numpy(logits.reshape(-1)), torch.from_numpy(grad.reshape(-1)),
+                         softmax_fisher_vector_product(probs, weights), objective,
+                         lambda flat: mean_kl(probs, weights, flat.reshape(logits.shape).numpy()),
+                         settings.max_kl, cg_iters=settings.cg_iters, damping=settings.cg_damping,
+                         backtrack_steps=settings.backtrack_steps)                  # lines 8 / 12
+        logits = step.params.reshape(logits.shape).numpy().copy()
+        record.update(n_violating=sum(b[0] == "cost" for b in branches), step_accepted=step.accepted,
+                      step_kl=step.kl, step_improvement=step.improvement, grad_norm=float(np.linalg.norm(grad)),
+                      time_compute=time.perf_counter() - t0)
+        state.records.append(record)
+        state.iteration, state.logits, state.rng_state = n + 1, logits, rng.bit_generator.state
+        if on_iteration is not None:
+            on_iteration(state)
+    state.logits = logits
+    return state

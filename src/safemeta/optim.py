@@ -1,0 +1,82 @@
+"""Trust-region step shared by meta-training and the baselines (TRPO, Schulman et al. 2015).
+
+Given the gradient g of an objective to maximise, a Fisher-vector product v -> F v and the
+mean-KL function of a candidate, `trpo_step` solves F x = g by conjugate gradient, scales the
+step to the KL radius (step = sqrt(2 max_kl / x^T F x) x), and backtracks until the candidate
+satisfies both the KL bound and an improvement check. All vectors are flat float tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+Vector = torch.Tensor
+
+
+def conjugate_gradient(fvp: Callable[[Vector], Vector], b: Vector, iters: int = 10,
+                       residual_tol: float = 1e-10) -> Vector:
+    """Approximately solve F x = b for symmetric positive (semi-)definite F, from x = 0."""
+    x = torch.zeros_like(b)
+    r = b.clone()
+    direction = b.clone()
+    rr = r @ r
+    for _ in range(iters):
+        if rr <= residual_tol:
+            break
+        Fd = fvp(direction)
+        alpha = rr / (direction @ Fd)
+        x = x + alpha * direction
+        r = r - alpha * Fd
+        rr_new = r @ r
+        direction = r + (rr_new / rr) * direction
+        rr = rr_new
+    return x
+
+
+@dataclass
+class TRPOStep:
+    params: Vector            # accepted parameters (the old ones if nothing was accepted)
+    accepted: bool
+    kl: float                 # mean KL of the accepted step (0 if none)
+    improvement: float        # objective(new) - objective(old)
+    expected_improvement: float  # g . step of the accepted fraction (first-order prediction)
+    step_fraction: float      # backtracking fraction that was accepted (0 if none)
+
+
+def trpo_step(params: Vector, grad: Vector, fvp: Callable[[Vector], Vector],
+              objective: Callable[[Vector], float], kl: Callable[[Vector], float], max_kl: float, *,
+              cg_iters: int = 10, damping: float = 1e-2, backtrack_steps: int = 10,
+              backtrack_ratio: float = 0.5, min_improvement_ratio: float = 0.0) -> TRPOStep:
+    """One TRPO step that maximises `objective` within mean KL <= max_kl.
+
+    A candidate is accepted when kl(candidate) <= max_kl and
+    objective(candidate) - objective(params) > min_improvement_ratio * expected improvement
+    (and > 0). `damping` adds damping * v to the Fisher-vector product (Tikhonov).
+    """
+    if not torch.isfinite(grad).all():
+        raise FloatingPointError("TRPO: the gradient has non-finite entries")
+    if float(grad.norm()) == 0.0:
+        return TRPOStep(params, False, 0.0, 0.0, 0.0, 0.0)
+
+    def damped(v: Vector) -> Vector:
+        return fvp(v) + damping * v
+
+    x = conjugate_gradient(damped, grad, iters=cg_iters)
+    quad = float(x @ damped(x))
+    if not quad > 0:
+        raise FloatingPointError(f"TRPO: non-positive curvature x^T F x = {quad:.3g}")
+    full_step = (2.0 * max_kl / quad) ** 0.5 * x
+    expected_full = float(grad @ full_step)
+    base = objective(params)
+    fraction = 1.0
+    for _ in range(backtrack_steps):
+        candidate = params + fraction * full_step
+        step_kl = kl(candidate)
+        improvement = objective(candidate) - base
+        expected = fraction * expected_full
+        if step_kl <= max_kl and improvement > 0 and improvement > min_improvement_ratio * expected:
+            return TRPOStep(candidate, True, step_kl, improvement, expected, fraction)
+        fraction *= backtrack_ratio
+    return TRPOStep(params, False, 0.0, 0.0, 0.0, 0.0)
