@@ -17,13 +17,18 @@ Vector = torch.Tensor
 
 def conjugate_gradient(fvp: Callable[[Vector], Vector], b: Vector, iters: int = 10,
                        residual_tol: float = 1e-10) -> Vector:
-    """Approximately solve F x = b for symmetric positive (semi-)definite F, from x = 0."""
+    """Approximately solve F x = b for symmetric positive (semi-)definite F, from x = 0.
+
+    Stops after `iters` iterations or when ||r||^2 <= residual_tol * ||b||^2 (relative, so
+    small gradients are solved as well as large ones).
+    """
     x = torch.zeros_like(b)
     r = b.clone()
     direction = b.clone()
     rr = r @ r
+    stop = residual_tol * rr
     for _ in range(iters):
-        if rr <= residual_tol:
+        if rr <= stop:
             break
         Fd = fvp(direction)
         alpha = rr / (direction @ Fd)

@@ -18,12 +18,16 @@ Meta-gradients (`kind`):
 - "first_order": Alg. 4 line 7, (1/(1-gamma)) E_{s~nu^tau, a~pi^tau}[grad f_phi(s,a) Q^tau(s,a)]:
   drops the eta^-1 grad Qbar term (what the sampled algorithm estimates).
 
-Meta-training (Alg. 2): each iteration draws a batch of training tasks. A task whose
-meta-policy cost is within d + delta contributes its meta-gradient (line 7); a task that
-violates a constraint contributes the negative gradient of its most violated cost (lines
-10-11; "any i_n" in the paper, we take the largest violation). The batch direction is the mean
-of the per-task directions, so with one task per iteration this is Alg. 2 exactly. One TRPO
-step (line 8/12) follows, with the exact Fisher of the meta-policy averaged over the batch's
+Meta-training (Alg. 2): each iteration draws a batch of training tasks and checks the meta-
+policy's costs on them (line 4). A task within d + delta offers its meta-gradient (line 7); a
+task that violates offers the negative gradient of its most violated cost (lines 10-11; "any
+i_n" in the paper, we take the largest violation). How the branches combine (`switch`):
+- "any" (default): CRPO applied to problem (2), whose constraints are J_ci,tau <= d_i + delta
+  for every sampled tau: if any task of the batch violates, the step reduces the violated costs
+  only (mean over violating tasks); otherwise it ascends the mean meta-gradient.
+- "per_task": the mean of every task's own branch (the expected Alg. 2 step); reward tasks can
+  outvote violating ones, so the meta-policy is kept safe less strictly.
+With one task per iteration both are Alg. 2 exactly. One TRPO step (line 8/12) follows, with the exact Fisher of the meta-policy averaged over the batch's
 visitation distributions, the mean KL over the batch as the trust region, and the exact batch
 objective (mean of J_tau(A^s(pi_phi)) for the first kind of task and -J_{c_i,tau}(pi_phi) for
 the second) for the line search's improvement check.
@@ -108,7 +112,7 @@ def cost_gradient(cmdp: TabularCMDP, logits: np.ndarray, i: int) -> tuple[float,
     """J_ci(pi_phi) and its exact policy gradient w.r.t. phi (Alg. 2 line 11)."""
     phi = torch.tensor(np.asarray(logits), dtype=torch.float64, requires_grad=True)
     Jc = evaluate_torch(cmdp, torch.softmax(phi, dim=-1)).Jc[i]
-    return float(Jc), torch.autograd.grad(Jc, phi)[0].numpy()
+    return float(Jc.detach()), torch.autograd.grad(Jc, phi)[0].numpy()
 
 
 def softmax_fisher_vector_product(probs: np.ndarray, weights: np.ndarray) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -136,6 +140,7 @@ class MetaTrainSettings:
     iterations: int = 50
     tasks_per_iteration: int = 5
     meta_gradient: str = "eq6"
+    switch: str = "any"
     max_kl: float = 0.01
     cg_iters: int = 20
     cg_damping: float = 1e-3
@@ -212,6 +217,9 @@ def meta_train_exact(train: list[TabularCMDP], evaluation: list[TabularCMDP], se
                 i = int(np.argmax(violation))                              # line 10
                 grads.append(-cost_gradient(cmdp, logits, i)[1])           # line 11 (descent on J_ci)
                 branches.append(("cost", k, i))
+        if settings.switch == "any" and any(b[0] == "cost" for b in branches):
+            keep = [j for j, b in enumerate(branches) if b[0] == "cost"]
+            grads, branches, nus = [grads[j] for j in keep], [branches[j] for j in keep], [nus[j] for j in keep]
         grad = np.mean(grads, axis=0)
         if not np.isfinite(grad).all():
             raise FloatingPointError(f"meta-training iteration {n}: the meta-gradient has non-finite entries")

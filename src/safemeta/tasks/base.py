@@ -17,6 +17,7 @@ BatchEnv conventions (every scenario follows them):
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -105,10 +106,12 @@ class TaskDistribution:
 
     name: str = ""
 
-    def sample(self, n: int, seed: int) -> list[Task]:
+    def sample(self, n: int, seed: int | Sequence[int]) -> list[Task]:
+        """n tasks from the generator of `seed` (an int, or ints such as (seed, split))."""
         if not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"{self.name}: number of tasks must be a positive integer, got {n!r}")
-        rng = np.random.default_rng(np.random.SeedSequence([int(seed), _stable_hash(self.name)]))
+        entropy = [int(s) for s in (seed if isinstance(seed, Sequence) else [seed])]
+        rng = np.random.default_rng(np.random.SeedSequence([*entropy, _stable_hash(self.name)]))
         tasks = [Task(self.name, _jsonable(p)) for p in self._sample(rng, int(n))]
         for t in tasks:
             self.validate(t)

@@ -208,7 +208,7 @@ class GridworldDistribution(TabularDistribution):
 
     def __init__(self, size: int = 5, n_hazards: int | list[int] = 3, slip: float = 0.1,
                  gamma: float = 0.9, rho_uniform: float = 0.1,
-                 limit_fraction: list[float] = (0.6, 1.0), horizon: int = 100) -> None:
+                 limit_fraction: list[float] = (0.9, 1.3), horizon: int = 100) -> None:
         if int(size) < 2:
             raise TaskParamError(f"tabular_grid: size must be >= 2, got {size!r}")
         lo, hi = (n_hazards, n_hazards) if isinstance(n_hazards, (int, np.integer)) else n_hazards
@@ -283,7 +283,7 @@ class RandomCMDPDistribution(TabularDistribution):
 
     def __init__(self, num_states: int = 8, num_actions: int = 3, num_constraints: int = 1,
                  gamma: float = 0.9, branching: int = 3, task_noise: float = 0.3, family_seed: int = 0,
-                 limit_fraction: list[float] = (0.6, 1.0), horizon: int = 100) -> None:
+                 limit_fraction: list[float] = (0.9, 1.3), horizon: int = 100) -> None:
         if num_states < 1 or num_actions < 2 or num_constraints < 1:
             raise TaskParamError("tabular_random: need num_states >= 1, num_actions >= 2, num_constraints >= 1")
         if not 1 <= branching <= num_states:
