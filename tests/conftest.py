@@ -1,0 +1,36 @@
+"""Shared helpers for the tests: small random CMDPs with controllable limits."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from safemeta.tasks.tabular import TabularCMDP, evaluate
+
+
+def random_cmdp(seed: int, S: int = 5, A: int = 3, p: int = 1, gamma: float = 0.9,
+                correlation: float = 0.0) -> TabularCMDP:
+    """A dense random CMDP; `correlation` mixes the reward into the costs (makes constraints bind)."""
+    rng = np.random.default_rng(seed)
+    P = rng.dirichlet(np.ones(S), size=(S, A))
+    r = rng.uniform(0, 1, (S, A))
+    c = (1 - correlation) * rng.uniform(0, 1, (p, S, A)) + correlation * r[None]
+    rho = rng.dirichlet(np.ones(S)) * 0.5 + 0.5 / S
+    return TabularCMDP(P=P, r=r, c=c, rho=rho, gamma=gamma, d=np.full(p, 1e9))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+def with_limits_near(cmdp: TabularCMDP, logits: np.ndarray, margin: float | np.ndarray) -> TabularCMDP:
+    """Same CMDP with d = J_c(softmax(logits)) + margin (a safe start close to the boundary)."""
+    Jc = evaluate(cmdp, softmax(logits)).Jc
+    return dataclasses.replace(cmdp, d=Jc + margin)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(12345)

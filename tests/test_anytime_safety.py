@@ -1,0 +1,67 @@
+"""Prop. 4 / Cor. 1: with lam, lam_c at the bound and delta = 0, every adapted policy is safe and
+the reward never decreases; with small lam the guarantee (and safety) can be lost.
+
+The bound's constants for a tabular CMDP: with S^v = S (so alpha = 1) and rho of full support,
+every policy has nu(s) >= (1 - gamma) rho(s), so Assumption 2 holds with
+eta = (1 - gamma) min_s rho(s). Rewards in [0, r_max] bound |A| by A^max = r_max / (1 - gamma),
+likewise A_c^max = c_max / (1 - gamma). Then (Prop. 4)
+    lam >= 4 gamma A^max / (eta alpha (1 - gamma)),   lam_c >= 4 gamma A_c^max / (eta alpha (1 - gamma)^2).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import random_cmdp, softmax, with_limits_near
+from safemeta.evaluate import adaptation_sequence_exact
+from safemeta.meta.safe_meta_exact import AdaptationSettings
+from safemeta.tasks.tabular import TabularCMDP, evaluate
+
+
+def prop4_bound(m: TabularCMDP) -> tuple[float, np.ndarray]:
+    g = m.gamma
+    eta = (1 - g) * m.rho.min()
+    a_max = m.r.max() / (1 - g)
+    ac_max = m.c.reshape(m.num_constraints, -1).max(1) / (1 - g)
+    return 4 * g * a_max / (eta * (1 - g)), 4 * g * ac_max / (eta * (1 - g) ** 2)
+
+
+def _cases(margin: float = 0.002):
+    for seed in range(6):
+        m0 = random_cmdp(seed, S=4, A=3, p=1 + seed % 2, gamma=0.9, correlation=0.8)
+        logits = np.random.default_rng(seed).normal(size=(4, 3))
+        yield seed, with_limits_near(m0, logits, margin), logits  # a safe start at or near the limit
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.002])
+def test_anytime_safety_and_monotone_improvement_at_the_bound(margin):
+    for seed, m, logits in _cases(margin):
+        lam, lam_c = prop4_bound(m)
+        seq = adaptation_sequence_exact(m, logits, 20, AdaptationSettings(lam=lam, lam_c=lam_c), delta=0.0)
+        assert (seq.cost <= m.d + 1e-12).all(), f"case {seed}: a policy of the sequence is unsafe"
+        assert (np.diff(seq.reward) >= -1e-12).all(), f"case {seed}: the reward decreased"
+        assert seq.feasible.all()
+        assert seq.reward[-1] > seq.reward[0], f"case {seed}: 20 steps made no progress at all"
+        if margin == 0.0:  # starting on the boundary, the constraint binds at every step
+            assert (seq.u[1:] > 0).any(axis=1).all(), f"case {seed}: the constraint never became active"
+
+
+def test_small_lam_loses_safety():
+    """The same starts with lam = lam_c = 0.02: the surrogate of (1) is too optimistic somewhere."""
+    violations = []
+    for seed, m, logits in _cases():
+        seq = adaptation_sequence_exact(m, logits, 20, AdaptationSettings(lam=0.02, lam_c=0.02), delta=0.0)
+        violations.append(float((seq.cost - m.d).max()))
+    assert max(violations) > 1e-3, violations
+
+
+def test_one_step_guarantee_with_allowed_violation():
+    """Prop. 4 with delta > 0: a start within d + delta stays within d + delta after one step."""
+    for seed, m, logits in _cases():
+        lam, lam_c = prop4_bound(m)
+        delta = 0.05
+        m_tight = with_limits_near(m, logits, -0.03)        # J_c(pi_phi) = d + 0.03 <= d + delta
+        seq = adaptation_sequence_exact(m_tight, logits, 1, AdaptationSettings(lam=lam, lam_c=lam_c), delta=delta)
+        assert (seq.cost[1] <= m_tight.d + delta + 1e-12).all()
+        assert seq.reward[1] >= seq.reward[0] - 1e-12
+        assert evaluate(m_tight, softmax(logits)).Jc.max() > m_tight.d.max()  # the start was above d

@@ -1,0 +1,151 @@
+"""The `safemeta` CLI on a tabular scenario: files, formats, errors, resume."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+import yaml
+
+from safemeta import cli
+from safemeta.results import read_dataset, without_timing
+
+CONFIG = {
+    "scenarios": {"rand": {"distribution": "tabular_random", "task_options": {"num_states": 6},
+                           "n_train_tasks": 8, "n_test_tasks": 4, "adaptation": {"lam": 1.0, "lam_c": 1.0}}},
+    "methods": {"safemeta": {"meta_gradient": "eq6"}},
+    "metatrain": {"iterations": 6, "tasks_per_iteration": 3, "max_kl": 0.02},
+    "metatest": {"adapt_steps": 5},
+}
+
+
+def run(*args: str) -> int:
+    return cli.main(list(args))
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(CONFIG))
+    return tmp_path
+
+
+def pipeline(workdir: Path, config: str | None = None, out: str = "r") -> Path:
+    config = config or str(workdir / "config.yaml")
+    base = ["--config", config, "--scenario", "rand", "--seed", "0"]
+    tasks, res = workdir / out / "tasks.json", workdir / out
+    assert run("tasks", *base, "--out", str(tasks)) == 0
+    assert run("meta-train", *base, "--method", "safemeta", "--tasks", str(tasks), "--out-dir", str(res / "mt"),
+               "--quiet") == 0
+    assert run("meta-test", *base, "--method", "safemeta", "--tasks", str(tasks), "--policy",
+               str(res / "mt" / "policy.pt"), "--out", str(res / "test.nc")) == 0
+    return res
+
+
+def test_tasks_meta_train_meta_test_write_readable_files(workdir):
+    res = pipeline(workdir)
+    tasks = json.loads((res / "tasks.json").read_text())
+    assert tasks["format"] == "safemeta.tasks/1" and len(tasks["train"]) == 8 and len(tasks["test"]) == 4
+    trace = read_dataset(res / "mt" / "trace.nc")
+    assert dict(trace.sizes) == {"iteration": 7, "task": 4, "constraint": 1}
+    for name in ("reward", "cost", "meta_reward", "meta_cost", "u", "limit", "step_kl", "time_compute"):
+        assert "units" in trace[name].attrs and "long_name" in trace[name].attrs
+    assert trace.attrs["seed"] == 0 and len(trace.attrs["code_hash"]) == 16
+    assert json.loads(trace.attrs["config"])["metatrain"]["iterations"] == 6      # resolved config
+    assert "scenarios" in json.loads(trace.attrs["config"])
+    test = read_dataset(res / "test.nc")
+    assert dict(test.sizes) == {"task": 4, "step": 6, "constraint": 1}
+    assert np.isnan(test.u.isel(step=0)).all() and np.isfinite(test.u.isel(step=slice(1, None))).all()
+    # k = 0 of the meta-test is the trained meta-policy evaluated exactly: it equals the last training record
+    np.testing.assert_allclose(test.reward.isel(step=0), trace.meta_reward.isel(iteration=-1))
+    policy = torch.load(res / "mt" / "policy.pt", weights_only=False)
+    assert policy["kind"] == "tabular_softmax" and policy["logits"].shape == (6, 3)
+    assert not list(res.rglob("*.tmp")) and not (res / "mt" / "checkpoint.pt").exists()
+
+
+def test_same_seed_same_outputs(workdir):
+    a, b = pipeline(workdir, out="a"), pipeline(workdir, out="b")
+    assert (a / "tasks.json").read_text().split('"provenance"')[0] == (b / "tasks.json").read_text().split('"provenance"')[0]
+    for rel in ("mt/trace.nc", "test.nc"):
+        xr.testing.assert_identical(without_timing(read_dataset(a / rel)), without_timing(read_dataset(b / rel)))
+
+
+def test_inline_json_config_equals_file_config(workdir):
+    a = pipeline(workdir, out="a")
+    b = pipeline(workdir, config=json.dumps(CONFIG), out="b")
+    xr.testing.assert_identical(without_timing(read_dataset(a / "test.nc")), without_timing(read_dataset(b / "test.nc")))
+
+
+def test_interrupted_meta_train_resumes_to_the_same_result(workdir, monkeypatch):
+    ref = pipeline(workdir, out="ref")
+    base = ["--config", str(workdir / "config.yaml"), "--scenario", "rand", "--seed", "0", "--method", "safemeta",
+            "--tasks", str(ref / "tasks.json"), "--out-dir", str(workdir / "killed"), "--quiet"]
+    real = cli.meta_train_exact
+
+    def dies_after_three(train, test, settings, adaptation, state, on_iteration):
+        def hook(st):
+            on_iteration(st)           # the checkpoint is written ...
+            if st.iteration == 3:
+                raise KeyboardInterrupt  # ... then the job is killed
+        return real(train, test, settings, adaptation, state, hook)
+
+    monkeypatch.setattr(cli, "meta_train_exact", dies_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        run("meta-train", *base)
+    assert (workdir / "killed" / "checkpoint.pt").exists() and not (workdir / "killed" / "trace.nc").exists()
+    monkeypatch.setattr(cli, "meta_train_exact", real)
+    assert run("meta-train", *base) == 0
+    xr.testing.assert_identical(without_timing(read_dataset(workdir / "killed" / "trace.nc")),
+                                without_timing(read_dataset(ref / "mt" / "trace.nc")))
+
+
+def test_stale_checkpoint_of_another_config_is_ignored(workdir, capsys):
+    ref = pipeline(workdir, out="ref")
+    ckpt = workdir / "ckpt.pt"
+    torch.save({"identity": {"config": "something else"}, "state": {}}, ckpt)
+    assert run("meta-train", "--config", str(workdir / "config.yaml"), "--scenario", "rand", "--seed", "0",
+               "--method", "safemeta", "--tasks", str(ref / "tasks.json"), "--out-dir", str(workdir / "o"),
+               "--checkpoint", str(ckpt), "--quiet") == 0
+    assert "ignoring checkpoint" in capsys.readouterr().err
+    xr.testing.assert_identical(without_timing(read_dataset(workdir / "o" / "trace.nc")),
+                                without_timing(read_dataset(ref / "mt" / "trace.nc")))
+
+
+@pytest.mark.parametrize("command", ["tasks", "meta-train", "meta-test"])
+def test_every_command_has_help(command):
+    out = subprocess.run([sys.executable, "-m", "safemeta.cli", command, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--config" in out.stdout and "--seed" in out.stdout
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"metatrain": {"iterations": 0}}, "config key 'metatrain.iterations'"),
+    ({"metatrain": {"iteratons": 3}}, "config key 'metatrain.iteratons': unknown key"),
+    ({"metatest": {"adapt_steps": "ten"}}, "config key 'metatest.adapt_steps': 'ten' is not of type 'integer'"),
+    ({"scenarios": {"rand": {"distribution": "no_such_thing"}}}, "unknown task distribution 'no_such_thing'"),
+    ({"scenarios": {"rand": {"distribution": "tabular_random", "task_options": {"num_statez": 4}}}},
+     "config key 'scenarios.rand.task_options'"),
+])
+def test_bad_config_gives_one_line_naming_the_key(tmp_path, change, message):
+    config = json.loads(json.dumps(CONFIG))
+    for section, value in change.items():
+        config[section] = value
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    out = subprocess.run([sys.executable, "-m", "safemeta.cli", "tasks", "--config", str(tmp_path / "bad.yaml"),
+                          "--scenario", "rand", "--seed", "0", "--out", str(tmp_path / "t.json")],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], out.stderr
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_missing_and_mismatched_inputs_are_named(workdir, capsys):
+    base = ["--config", str(workdir / "config.yaml"), "--scenario", "rand", "--seed", "0", "--method", "safemeta"]
+    assert run("meta-train", *base, "--tasks", str(workdir / "nope.json"), "--out-dir", str(workdir / "o")) == 2
+    assert "nope.json does not exist" in capsys.readouterr().err
+    assert run("meta-train", *base[:2], "--scenario", "other", *base[4:], "--tasks", "x", "--out-dir", "o") == 2
+    assert "config key 'scenarios.other': not defined" in capsys.readouterr().err
