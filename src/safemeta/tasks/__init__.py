@@ -15,6 +15,17 @@ from .base import BatchEnv, StepResult, Task, TaskDistribution, TaskParamError
 _REGISTRY: dict[str, str] = {
     "tabular_grid": "tabular:GridworldDistribution",
     "tabular_random": "tabular:RandomCMDPDistribution",
+    "half_cheetah_vel": "locomotion:HalfCheetahVelDistribution",
+    "hopper_vel": "locomotion:HopperVelDistribution",
+    "swimmer_vel": "locomotion:SwimmerVelDistribution",
+    "humanoid_dir": "locomotion:HumanoidDirDistribution",
+    "point_circle": "navigation:PointCircleDistribution",
+    "car_circle_hazard": "navigation:CarCircleHazardDistribution",
+    "point_button": "navigation:PointButtonDistribution",
+    "function_env": "differentiable:FunctionEnvDistribution",
+    "function_env_floor": "differentiable:FunctionEnvFloorDistribution",
+    "cartpole_pos": "differentiable:CartPolePosDistribution",
+    "point_circle_diff": "differentiable:PointCircleDiffDistribution",
 }
 
 

@@ -1,0 +1,311 @@
+"""Locomotion task distributions on gymnasium's MuJoCo models, all copies of a task stepped as one batch.
+
+The models are the XML files shipped in the installed gymnasium package (`envs/mujoco/assets`),
+compiled once per process and stepped by `mujoco_batch.BatchSim` (no gymnasium Env objects).
+Frame skip, action ranges, reset noise and observations follow gymnasium's v5 definitions;
+rewards and costs follow the paper's App. D.1; the limits d are its Table 2 (p = 1 everywhere).
+
+Per-step quantities. `v` is the forward velocity measured as gymnasium does: displacement of the
+root x coordinate (Humanoid: of the centre of mass, in x and y) over one env step, divided by
+dt = timestep x frame_skip. `a` is the action clipped to the actuator control range (the applied
+controls; costs use it).
+
+- half_cheetah_vel (obs 17, act 6, dt 0.05): task = goal velocity v_goal ~ U(0, 2).
+  reward = -|v - v_goal|; cost = max(0, h_head - h0) with h0 = 0.65 m, where h_head is the world
+  height of the centre of the `head` geom (standing still puts it at about 0.636 m, a uniformly
+  random policy pays about 1.3 d per episode). d = 10. Never terminates.
+- hopper_vel (obs 11 = qpos without x + qvel clipped to [-10, 10], act 3, dt 0.008): v_goal ~ U(0, 1).
+  reward = -|v - v_goal|; cost = sum_i a_i^2 (weight 1: the paper's Humanoid/Swimmer definition;
+  gymnasium's 1e-3 would make d = 5 unreachable). d = 5. Does not terminate: with a reward that is
+  never positive, gymnasium's "unhealthy" termination would reward falling over.
+  (The paper says 12-dim state; like every gymnasium Hopper we leave the x position out: 11.)
+- swimmer_vel (obs 8, act 2, dt 0.04): v_goal ~ U(0, 1), noise variance sigma^2 ~ U(0, 0.5),
+  cost weight w ~ U(0.5, 1). reward = -|v - v_goal|; cost = w sum_i a_i^2; d = 5. Transition noise:
+  after each env step every joint velocity (qvel, 5 dofs) receives independent N(0, sigma^2) noise
+  drawn from the env's generator (seeded by `make_env(..., seed)`). Never terminates.
+- humanoid_dir (obs 376, act 17 in [-0.4, 0.4], dt 0.015): direction theta ~ U(0, pi/2).
+  reward = v_x cos(theta) + v_y sin(theta) (centre-of-mass velocity); cost = sum_i a_i^2 over the
+  17 control inputs (the torques are gear x a; squared torques would be ~1e4 larger than d = 20).
+  Terminates when the torso height qpos[2] leaves (1.0, 2.0) (gymnasium's healthy range); no
+  alive bonus (the paper's reward has none). Observation is the paper's 376-dim layout (gymnasium
+  v4: qpos[2:], qvel, cinert, cvel, qfrc_actuator, cfrc_ext of all bodies), with cfrc_ext
+  actually computed (mj_rnePostConstraint), as gymnasium v5 does.
+
+Horizon 200 (option `horizon`). d is the paper's value at horizon 200 and scales linearly with a
+shorter horizon, keeping the per-step budget (option `cost_limit` sets it directly instead).
+Option `sim_threads` sets the physics threads (default: usable CPUs, at most 4).
+"""
+from __future__ import annotations
+
+import math
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import gymnasium
+import mujoco
+import numpy as np
+from gymnasium import spaces
+
+from . import params as P
+from .base import StepResult, Task, TaskDistribution
+from .mujoco_batch import BatchSim, EpisodeClock, as_numpy_actions
+
+PAPER_HORIZON = 200
+CHEETAH_HEAD_H0 = 0.65
+HUMANOID_HEALTHY_Z = (1.0, 2.0)
+_ASSETS = Path(gymnasium.__file__).parent / "envs" / "mujoco" / "assets"
+
+
+@lru_cache(maxsize=None)
+def gym_model(xml_name: str) -> mujoco.MjModel:
+    """gymnasium's MuJoCo model `xml_name`, compiled once per process (read-only, shared).
+
+    MuJoCo 3.3+ deprecates the compiler attribute `settotalmass` (half_cheetah.xml uses it) and logs
+    a warning to MUJOCO_LOG.TXT in the working directory; we apply it as MuJoCo advises instead
+    (mj_setTotalmass + mj_setConst), which yields the identical model.
+    """
+    text = (_ASSETS / xml_name).read_text()
+    total = re.search(r'\s+settotalmass="([^"]+)"', text)
+    if total is None:
+        return mujoco.MjModel.from_xml_path(str(_ASSETS / xml_name))
+    model = mujoco.MjModel.from_xml_string(text[:total.start()] + text[total.end():])
+    mujoco.mj_setTotalmass(model, float(total.group(1)))
+    mujoco.mj_setConst(model, mujoco.MjData(model))
+    return model
+
+
+# --------------------------------------------------------------------------- distributions
+class LocomotionDistribution(TaskDistribution):
+    """Common part: options, limits, and the env factory. Subclasses set the scenario constants."""
+
+    xml: str = ""
+    frame_skip: int = 1
+    paper_d: float = 0.0
+    env_class: type = None  # type: ignore[assignment]
+
+    def __init__(self, horizon: int = PAPER_HORIZON, cost_limit: float | None = None,
+                 sim_threads: int | None = None) -> None:
+        self.horizon = P.horizon(self.name, horizon)
+        d = self.paper_d * self.horizon / PAPER_HORIZON if cost_limit is None else cost_limit
+        self.cost_limit = P.number(self.name, {"cost_limit": d}, "cost_limit")
+        self.sim_threads = sim_threads
+
+    def _sample(self, rng: np.random.Generator, n: int) -> list[dict[str, Any]]:
+        return [{**self._draw(rng), "d": [self.cost_limit]} for _ in range(n)]
+
+    def _draw(self, rng: np.random.Generator) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def validate(self, task: Task) -> None:
+        super().validate(task)
+        P.limits(self.name, task.params)
+        self._check(task.params)
+
+    def _check(self, params: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def make_env(self, task: Task, num_envs: int, seed: int, device: Any = "cpu") -> "LocomotionEnv":
+        self.validate(task)
+        return self.env_class(self, task.params, int(num_envs), int(seed), device)
+
+
+class HalfCheetahVelDistribution(LocomotionDistribution):
+    name, xml, frame_skip, paper_d = "half_cheetah_vel", "half_cheetah.xml", 5, 10.0
+
+    def _draw(self, rng: np.random.Generator) -> dict[str, Any]:
+        return {"goal_velocity": rng.uniform(0.0, 2.0)}
+
+    def _check(self, params: dict[str, Any]) -> None:
+        P.number(self.name, params, "goal_velocity")
+
+
+class HopperVelDistribution(LocomotionDistribution):
+    name, xml, frame_skip, paper_d = "hopper_vel", "hopper.xml", 4, 5.0
+
+    def _draw(self, rng: np.random.Generator) -> dict[str, Any]:
+        return {"goal_velocity": rng.uniform(0.0, 1.0)}
+
+    def _check(self, params: dict[str, Any]) -> None:
+        P.number(self.name, params, "goal_velocity")
+
+
+class SwimmerVelDistribution(LocomotionDistribution):
+    name, xml, frame_skip, paper_d = "swimmer_vel", "swimmer.xml", 4, 5.0
+
+    def _draw(self, rng: np.random.Generator) -> dict[str, Any]:
+        return {"goal_velocity": rng.uniform(0.0, 1.0), "noise_var": rng.uniform(0.0, 0.5),
+                "cost_weight": rng.uniform(0.5, 1.0)}
+
+    def _check(self, params: dict[str, Any]) -> None:
+        P.number(self.name, params, "goal_velocity")
+        P.number(self.name, params, "noise_var", low=0.0)
+        P.number(self.name, params, "cost_weight", low=0.0)
+
+
+class HumanoidDirDistribution(LocomotionDistribution):
+    name, xml, frame_skip, paper_d = "humanoid_dir", "humanoid.xml", 5, 20.0
+
+    def _draw(self, rng: np.random.Generator) -> dict[str, Any]:
+        return {"direction": rng.uniform(0.0, math.pi / 2)}
+
+    def _check(self, params: dict[str, Any]) -> None:
+        P.number(self.name, params, "direction")
+
+
+# --------------------------------------------------------------------------- batched envs
+class LocomotionEnv:
+    """`num_envs` copies of one locomotion task; BatchEnv conventions of base.py.
+
+    Subclasses define the observation, the tracked position (for v), reward, cost and failure.
+    """
+
+    reset_noise: float = 0.0
+
+    def __init__(self, dist: LocomotionDistribution, params: dict[str, Any], num_envs: int, seed: int,
+                 device: Any) -> None:
+        self.params = {k: float(v) for k, v in params.items() if k != "d"}
+        self.num_envs, self.horizon = num_envs, dist.horizon
+        self.model = gym_model(dist.xml)
+        self.sim = self._make_stepper(dist.frame_skip, dist.sim_threads)
+        self.rng = np.random.default_rng(seed)
+        self.cost_limits = np.asarray(params["d"], dtype=np.float64)
+        self.num_constraints = 1
+        self._low, self._high = self.model.actuator_ctrlrange.T.copy()
+        self.action_space = spaces.Box(self._low.astype(np.float32), self._high.astype(np.float32))
+        self.clock = EpisodeClock(num_envs, self.horizon, 1, device)
+        self.device = self.clock.device
+        dim = self.reset().shape[1]
+        self.observation_space = spaces.Box(-np.inf, np.inf, (dim,), np.float32)
+
+    def _make_stepper(self, frame_skip: int, threads: int | None) -> BatchSim:
+        return BatchSim(self.model, self.num_envs, frame_skip, threads)
+
+    def _initial_state(self) -> tuple[np.ndarray, np.ndarray]:
+        """gymnasium's reset: uniform noise of scale `reset_noise` on qpos and qvel."""
+        n, m, s = self.num_envs, self.model, self.reset_noise
+        qpos = m.qpos0 + self.rng.uniform(-s, s, (n, m.nq))
+        qvel = self.rng.uniform(-s, s, (n, m.nv))
+        return qpos, qvel
+
+    def reset(self) -> Any:
+        qpos, qvel = self._initial_state()
+        self.sim.set_state(np.arange(self.num_envs), qpos, qvel)
+        return self.clock.reset(self._obs())
+
+    def step(self, actions: Any) -> StepResult:
+        a = as_numpy_actions(actions, self.num_envs, self._low, self._high)
+        active = ~self.clock.done
+        before = self._position().copy()
+        self.sim.step(a, active)
+        velocity = (self._position() - before) / self.sim.dt
+        self._after_physics(active)
+        return self.clock.finish(self._obs(), self._reward(velocity), self._cost(a), self._failed())
+
+    def set_state(self, qpos: np.ndarray, qvel: np.ndarray) -> Any:
+        """Put every copy at a hand-built state (tests, diagnostics); returns the observation."""
+        self.sim.set_state(np.arange(self.num_envs), np.broadcast_to(qpos, (self.num_envs, self.model.nq)),
+                           np.broadcast_to(qvel, (self.num_envs, self.model.nv)))
+        return self.clock.reset(self._obs())
+
+    def close(self) -> None:
+        self.sim.close()
+
+    # scenario hooks
+    def _obs(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def _position(self) -> np.ndarray:
+        return self.sim.qpos[:, 0]
+
+    def _reward(self, velocity: np.ndarray) -> np.ndarray:
+        return -np.abs(velocity - self.params["goal_velocity"])
+
+    def _cost(self, a: np.ndarray) -> np.ndarray:
+        return np.sum(a * a, axis=1)
+
+    def _failed(self) -> np.ndarray:
+        return np.zeros(self.num_envs, bool)
+
+    def _after_physics(self, active: np.ndarray) -> None:
+        pass
+
+
+class HalfCheetahVelEnv(LocomotionEnv):
+    reset_noise = 0.1
+
+    def __init__(self, *args: Any) -> None:
+        model = gym_model(HalfCheetahVelDistribution.xml)
+        head = model.geom("head")
+        self._torso_z = float(model.body_pos[head.bodyid[0], 2])
+        self._head_xz = (float(model.geom_pos[head.id, 0]), float(model.geom_pos[head.id, 2]))
+        super().__init__(*args)
+
+    def _initial_state(self) -> tuple[np.ndarray, np.ndarray]:
+        qpos, _ = super()._initial_state()  # gymnasium: velocity noise is Gaussian for the cheetah
+        return qpos, self.reset_noise * self.rng.standard_normal((self.num_envs, self.model.nv))
+
+    def head_height(self, qpos: np.ndarray) -> np.ndarray:
+        """World z of the head geom centre: torso at (rootx, torso_z + rootz), pitched by rooty."""
+        gx, gz = self._head_xz
+        pitch = qpos[:, 2]
+        return self._torso_z + qpos[:, 1] - np.sin(pitch) * gx + np.cos(pitch) * gz
+
+    def _obs(self) -> np.ndarray:
+        return np.concatenate([self.sim.qpos[:, 1:], self.sim.qvel], axis=1)
+
+    def _cost(self, a: np.ndarray) -> np.ndarray:
+        return np.maximum(0.0, self.head_height(self.sim.qpos) - CHEETAH_HEAD_H0)
+
+
+class HopperVelEnv(LocomotionEnv):
+    reset_noise = 5e-3
+
+    def _obs(self) -> np.ndarray:
+        return np.concatenate([self.sim.qpos[:, 1:], np.clip(self.sim.qvel, -10.0, 10.0)], axis=1)
+
+
+class SwimmerVelEnv(LocomotionEnv):
+    reset_noise = 0.1
+
+    def _obs(self) -> np.ndarray:
+        return np.concatenate([self.sim.qpos[:, 2:], self.sim.qvel], axis=1)
+
+    def _cost(self, a: np.ndarray) -> np.ndarray:
+        return self.params["cost_weight"] * np.sum(a * a, axis=1)
+
+    def _after_physics(self, active: np.ndarray) -> None:
+        noise = math.sqrt(self.params["noise_var"]) * self.rng.standard_normal((self.num_envs, self.model.nv))
+        self.sim.add_qvel(noise * active[:, None])
+
+
+class HumanoidDirEnv(LocomotionEnv):
+    reset_noise = 1e-2
+    _fields = ("cinert", "cvel", "qfrc_actuator", "cfrc_ext", "xipos")
+
+    def _make_stepper(self, frame_skip: int, threads: int | None) -> BatchSim:
+        self._mass = self.model.body_mass / self.model.body_mass.sum()
+        return BatchSim(self.model, self.num_envs, frame_skip, threads, self._fields, post_constraint=True)
+
+    def _obs(self) -> np.ndarray:
+        b, n = self.sim.buffers, self.num_envs
+        return np.concatenate([b["qpos"][:, 2:], b["qvel"], b["cinert"].reshape(n, -1), b["cvel"].reshape(n, -1),
+                               b["qfrc_actuator"], b["cfrc_ext"].reshape(n, -1)], axis=1)
+
+    def _position(self) -> np.ndarray:
+        return np.einsum("b,nbk->nk", self._mass, self.sim.buffers["xipos"][:, :, :2])
+
+    def _reward(self, velocity: np.ndarray) -> np.ndarray:
+        theta = self.params["direction"]
+        return velocity[:, 0] * math.cos(theta) + velocity[:, 1] * math.sin(theta)
+
+    def _failed(self) -> np.ndarray:
+        z = self.sim.qpos[:, 2]
+        return (z <= HUMANOID_HEALTHY_Z[0]) | (z >= HUMANOID_HEALTHY_Z[1])
+
+
+HalfCheetahVelDistribution.env_class = HalfCheetahVelEnv
+HopperVelDistribution.env_class = HopperVelEnv
+SwimmerVelDistribution.env_class = SwimmerVelEnv
+HumanoidDirDistribution.env_class = HumanoidDirEnv

@@ -1,0 +1,163 @@
+"""Batched MuJoCo stepping: `num_envs` copies of one compiled model advanced together.
+
+`BatchSim` keeps one persistent MjData per copy and steps them in a tight loop, split across a
+persistent thread pool (mj_step releases the GIL, so threads run physics in parallel). After
+each env step the requested MjData fields are gathered into `[N, ...]` numpy buffers, so reward,
+cost and observation code is vectorised over copies. Measured on the project's 2-core machine
+(64 copies, random actions): the loop runs at 0.96-1.0x the throughput of a bare `mj_step` loop on
+one MjData, the same as `mujoco.rollout` (which also zeroes the solver warm start at every call
+and stops a copy at the first MuJoCo warning); per-copy MjData keeps gymnasium's exact stepping.
+
+Sensor values are those MuJoCo computed inside the last physics substep (before its
+integration: at most one substep old, as in any env that skips an extra mj_forward); after
+`set_state` they are exact (mj_forward).
+
+`EpisodeClock` is the BatchEnv bookkeeping the MuJoCo families share: step counter, which copies
+have terminated (they stay frozen with zero reward and cost until reset), tensor conversion.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+import mujoco
+import numpy as np
+import torch
+
+from .base import StepResult
+
+
+def default_threads() -> int:
+    """Threads for physics: the CPUs this process may use, at most 4."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 4))
+
+
+class BatchSim:
+    """N MjData copies of `model`, stepped `frame_skip` substeps per env step.
+
+    `buffers[name]` is `[N, *shape]` for each MjData field in `fields` (qpos and qvel are always
+    gathered). `post_constraint` runs mj_rnePostConstraint after stepping (fills cfrc_ext).
+    """
+
+    def __init__(self, model: mujoco.MjModel, num_envs: int, frame_skip: int, threads: int | None = None,
+                 fields: Sequence[str] = (), post_constraint: bool = False) -> None:
+        self.model, self.num_envs, self.frame_skip = model, int(num_envs), int(frame_skip)
+        self.dt = model.opt.timestep * self.frame_skip
+        threads = default_threads() if threads is None else int(threads)
+        self.threads = max(1, min(threads, self.num_envs))
+        self.post_constraint = bool(post_constraint)
+        fields = ("qpos", "qvel") + tuple(f for f in fields if f not in ("qpos", "qvel"))
+        self.datas = [mujoco.MjData(model) for _ in range(self.num_envs)]
+        self._ctrl_views = [d.ctrl for d in self.datas]
+        self._views = [[(name, getattr(d, name)) for name in fields] for d in self.datas]  # aliases of MjData memory
+        self.buffers = {name: np.zeros((self.num_envs,) + np.shape(getattr(self.datas[0], name))) for name in fields}
+        self._executor = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        bounds = np.linspace(0, self.num_envs, self.threads + 1).astype(int)
+        self._chunks = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+    @property
+    def qpos(self) -> np.ndarray:
+        return self.buffers["qpos"]
+
+    @property
+    def qvel(self) -> np.ndarray:
+        return self.buffers["qvel"]
+
+    def _gather(self, i: int) -> None:
+        for name, view in self._views[i]:
+            self.buffers[name][i] = view
+
+    def set_state(self, rows: Sequence[int], qpos: np.ndarray, qvel: np.ndarray) -> None:
+        """Reset copies `rows` to (qpos[k], qvel[k]) at time 0 (the model is untouched) and run mj_forward."""
+        for k, r in enumerate(rows):
+            d = self.datas[r]
+            mujoco.mj_resetData(self.model, d)
+            d.qpos[:], d.qvel[:] = qpos[k], qvel[k]
+            mujoco.mj_forward(self.model, d)
+            if self.post_constraint:
+                mujoco.mj_rnePostConstraint(self.model, d)
+            self._gather(r)
+
+    def add_qvel(self, delta: np.ndarray) -> None:
+        """Add `delta [N, nv]` to every copy's joint velocities (transition noise)."""
+        for d, row in zip(self.datas, delta):
+            d.qvel[:] += row
+        self.buffers["qvel"] += delta
+
+    def _run(self, lo: int, hi: int, ctrl: np.ndarray, active: np.ndarray) -> None:
+        m, fs, post, step, buffers = self.model, self.frame_skip, self.post_constraint, mujoco.mj_step, self.buffers
+        for i in range(lo, hi):
+            if active[i]:
+                d = self.datas[i]
+                self._ctrl_views[i][:] = ctrl[i]
+                step(m, d, nstep=fs)
+                if post:
+                    mujoco.mj_rnePostConstraint(m, d)
+                for name, view in self._views[i]:
+                    buffers[name][i] = view
+
+    def step(self, ctrl: np.ndarray, active: np.ndarray | None = None) -> None:
+        """Advance the `active` copies (all by default) by one env step under controls `ctrl [N, nu]`."""
+        active = np.ones(self.num_envs, bool) if active is None else active
+        if self._executor is None:
+            self._run(0, self.num_envs, ctrl, active)
+            return
+        futures = [self._executor.submit(self._run, lo, hi, ctrl, active) for lo, hi in self._chunks]
+        for f in futures:
+            f.result()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+
+    def __del__(self) -> None:
+        if getattr(self, "_executor", None) is not None:
+            self.close()
+
+
+class EpisodeClock:
+    """Step counter, terminated mask and tensor output shared by the MuJoCo BatchEnvs."""
+
+    def __init__(self, num_envs: int, horizon: int, num_constraints: int, device: Any) -> None:
+        self.num_envs, self.horizon, self.p = int(num_envs), int(horizon), int(num_constraints)
+        self.device = torch.device(device)
+        self.t = 0
+        self.done = np.zeros(self.num_envs, bool)
+
+    def reset(self, obs: np.ndarray) -> torch.Tensor:
+        self.t = 0
+        self.done[:] = False
+        return self.tensor(obs.astype(np.float32))
+
+    def tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    def finish(self, obs: np.ndarray, reward: np.ndarray, cost: np.ndarray, failed: np.ndarray) -> StepResult:
+        """Zero the reward and cost of copies already done (their state was not stepped), record new
+        terminations, build the StepResult."""
+        was_done = self.done.copy()
+        reward = np.where(was_done, 0.0, reward).astype(np.float32)
+        cost = np.where(was_done[:, None], 0.0, np.reshape(cost, (self.num_envs, self.p))).astype(np.float32)
+        self.done |= failed
+        self.t += 1
+        truncated = np.full(self.num_envs, self.t >= self.horizon)
+        return StepResult(obs=self.tensor(obs.astype(np.float32)), reward=self.tensor(reward), cost=self.tensor(cost),
+                          terminated=self.tensor(self.done.copy()), truncated=self.tensor(truncated))
+
+
+def as_numpy_actions(actions: Any, num_envs: int, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Actions `[N, act_dim]` (torch or numpy) -> float64 numpy clipped to the control range."""
+    if isinstance(actions, torch.Tensor):
+        actions = actions.detach().to("cpu", torch.float64).numpy()
+    a = np.asarray(actions, dtype=np.float64)
+    if a.shape != (num_envs, low.shape[0]):
+        raise ValueError(f"actions must have shape [{num_envs}, {low.shape[0]}], got {list(a.shape)}")
+    if not np.isfinite(a).all():
+        raise ValueError("actions contain NaN or inf")
+    return np.clip(a, low, high)

@@ -1,0 +1,525 @@
+"""Navigation task distributions (Point-Circle, Car-Circle-Hazard, Point-Button) natively on MuJoCo.
+
+Our own MJCF robots (`assets/point.xml`, `assets/car.xml`) follow Safety-Gymnasium's robots:
+the point has a forward force along its heading (a[0]) and a yaw-rate servo (a[1]); the car
+drives its left (a[0]) and right (a[1]) rear wheel; actions lie in [-1, 1]. Unlike
+Safety-Gymnasium, whose actuators saturate at |a| = 0.05 (point) and 0.02 (car) because of their
+force ranges, ours are linear over the whole range with the same maximum force/torque (point:
+forward force <= 0.015 N, top speed about 1.5 m/s, yaw-rate servo up to 3.3 rad/s; car: wheel torque
+<= 0.02 N m, top speed about 0.8 m/s; the remaining constants are in the XML files). Each task compiles one MjModel (robot + its circle, walls, hazards and buttons as non-colliding
+geoms, so task objects never change the physics); `reset` only writes the state.
+
+Observation = robot sensors + pseudo-lidar per object group (computed here, Safety-Gymnasium's
+"pseudo" lidar): accelerometer, velocimeter, gyro, magnetometer (3 each; the car adds its caster
+ball joint's angular velocity, 3, and orientation as a 3x3 matrix, 9), then 16 bins per group over
+the full circle in the robot frame; an object at distance r adds (max_dist - r)/max_dist to its bin
+and aliases linearly into the two neighbours; each bin keeps the maximum. Sensors are MuJoCo's
+values from the last physics substep (see mujoco_batch). Dimensions: point_circle 12 + 16 (circle)
+= 28; car_circle_hazard 24 + 16 (circle) + 16 (hazards) = 56; point_button 12 + 16 (buttons) + 16
+(goal) + 16 (hazards) = 60. (The paper lists 60 for Car-Circle-Hazard and 56 for Point-Button: the two
+numbers look swapped; swapped, they match these layouts.)
+
+Costs are 0/1 per step (Safety-Gymnasium's indicator cost): 1 if any constraint is violated.
+Frame skip 10 (dt = 0.02 s point, 0.04 s car). Horizon 500 (option `horizon`; d = 10 at 500 steps
+scales linearly with a shorter horizon, or set option `cost_limit`). Every choice the paper leaves open:
+
+- Circle tasks (Safety-Gymnasium CircleLevel1): reward per step
+  0.1 * ((-v_x y + v_y x) / rho) / (1 + |rho - R|), rho = |(x, y)|, (v_x, v_y) the robot's world
+  velocity; cost when |x| > wall, wall = wall_factor * R (two walls at x = +-wall). Lidar observes the
+  circle centre (and hazards), max_dist 6. Start: x ~ U(-min(0.8, wall - 0.1), +...), y ~ U(-0.8, 0.8),
+  heading ~ U(0, 2 pi), at rest, at least hazard_size + 0.1 from every hazard.
+- point_circle: R ~ U(1.0, 1.5), wall_factor ~ U(0.55, 0.75).
+- car_circle_hazard: R ~ U(0.7, 1.0), wall_factor ~ U(0.55, 0.75), 3-7 hazards (discs of radius
+  0.15, between Meta-CPO's 0.12 and Safety-Gymnasium's 0.2), centres uniform in the safe strip
+  |x| <= wall, |y| <= 1.2 (where the circle runs), pairwise at least 2 x 0.15 apart (no overlap), placed by
+  bounded rejection sampling. Cost also when the robot centre is within 0.15 of a hazard centre.
+- point_button: 6-10 buttons (spheres of radius 0.1) and 6-10 hazards (radius 0.2) uniform in
+  |x|, |y| <= 2.0 without overlap (keep-out radii 0.2 each: centres at least 0.4 apart), lidar
+  max_dist 3. Each episode copy draws a goal button at reset; touching (robot centre within
+  0.1 + 0.1 of a button centre; our buttons do not collide, Safety-Gymnasium's are solid) the goal gives reward +1, draws a new goal among the other buttons and
+  mutes the buttons for 10 steps (no button cost, buttons lidar reads 0), as Safety-Gymnasium does;
+  dense shaping adds (previous distance - distance) to the goal each step. Cost when touching a
+  wrong button (buttons not muted) or inside a hazard. Start: uniform in the square, at least
+  object radius + 0.3 from every object.
+
+Layout sampling tries a bounded number of candidates and raises TaskParamError naming the
+counts and extents when the objects do not fit.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import mujoco
+import numpy as np
+from gymnasium import spaces
+
+from . import params as P
+from .base import StepResult, Task, TaskDistribution, TaskParamError
+from .mujoco_batch import BatchSim, EpisodeClock, as_numpy_actions
+
+PAPER_HORIZON = 500
+PAPER_D = 10.0
+FRAME_SKIP = 10
+LIDAR_BINS = 16
+CIRCLE_REWARD_SCALE = 0.1
+CIRCLE_LIDAR_RANGE = 6.0
+BUTTON_LIDAR_RANGE = 3.0
+CIRCLE_START = 0.8          # start box half-width of the circle tasks
+CIRCLE_HAZARD_SIZE = 0.15
+CIRCLE_HAZARD_Y = 1.2       # hazards of car_circle_hazard: |y| <= this
+BUTTON_SIZE, BUTTON_HAZARD_SIZE = 0.1, 0.2
+BUTTON_EXTENT = 2.0
+BUTTON_KEEPOUT = 0.2        # keep-out radius of buttons and of hazards in point_button
+START_KEEPOUT = 0.3
+ROBOT_RADIUS = 0.1
+BUTTON_MUTE_STEPS = 10
+_ASSETS = Path(__file__).parent / "assets"
+_CANDIDATES, _ROUNDS = 64, 16   # rejection sampling: candidates per draw, draws per object
+
+
+# --------------------------------------------------------------------------- robots
+@dataclass(frozen=True)
+class Robot:
+    """Where a robot's pose lives in qpos/qvel and how its sensors become observations."""
+
+    xml: str
+    sensor_dim: int
+
+    def pose(self, qpos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """World position [N, 3] and rotation matrix [N, 3, 3] of the robot body."""
+        raise NotImplementedError
+
+    def velocity(self, qvel: np.ndarray) -> np.ndarray:
+        """World linear velocity in the plane [N, 2]."""
+        return qvel[:, :2]
+
+    def qpos_at(self, xy: np.ndarray, heading: np.ndarray, nq: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def sensors(self, sensordata: np.ndarray) -> np.ndarray:
+        return sensordata
+
+
+class PointRobot(Robot):
+    def pose(self, qpos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = qpos.shape[0]
+        c, s = np.cos(qpos[:, 2]), np.sin(qpos[:, 2])
+        rot = np.zeros((n, 3, 3))
+        rot[:, 0, 0], rot[:, 0, 1], rot[:, 1, 0], rot[:, 1, 1], rot[:, 2, 2] = c, -s, s, c, 1.0
+        return np.column_stack([qpos[:, :2], np.full(n, 0.1)]), rot
+
+    def qpos_at(self, xy: np.ndarray, heading: np.ndarray, nq: int) -> np.ndarray:
+        return np.column_stack([xy, heading])
+
+
+class CarRobot(Robot):
+    """Free-joint chassis: qpos = [x, y, z, quat(4), left, right, caster quat(4)]."""
+
+    def pose(self, qpos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return qpos[:, :3], quat_to_mat(qpos[:, 3:7])
+
+    def qpos_at(self, xy: np.ndarray, heading: np.ndarray, nq: int) -> np.ndarray:
+        q = np.zeros((xy.shape[0], nq))
+        q[:, :2], q[:, 2] = xy, 0.1
+        q[:, 3], q[:, 6] = np.cos(heading / 2), np.sin(heading / 2)
+        q[:, 9] = 1.0  # caster ball joint at identity
+        return q
+
+    def sensors(self, sensordata: np.ndarray) -> np.ndarray:
+        # 12 site sensors + caster angular velocity (3), caster quaternion -> rotation matrix (9)
+        return np.concatenate([sensordata[:, :15], quat_to_mat(sensordata[:, 15:19]).reshape(-1, 9)], axis=1)
+
+
+POINT = PointRobot("point.xml", 12)
+CAR = CarRobot("car.xml", 24)
+
+
+def quat_to_mat(q: np.ndarray) -> np.ndarray:
+    """Unit quaternions [N, 4] (w, x, y, z) -> rotation matrices [N, 3, 3]."""
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    w, x, y, z = q.T
+    return np.stack([
+        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], axis=1),
+        np.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], axis=1),
+        np.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], axis=1),
+    ], axis=1)
+
+
+# --------------------------------------------------------------------------- lidar and layout
+def pseudo_lidar(groups: Sequence[np.ndarray], pos: np.ndarray, rot: np.ndarray, max_dist: float,
+                 bins: int = LIDAR_BINS) -> np.ndarray:
+    """Safety-Gymnasium's pseudo-lidar of object groups seen from poses pos [N, 3], rot [N, 3, 3].
+
+    Each group holds objects [K, 2] (shared by all copies) or [N, K, 2]. Returns [N, G * bins]: per
+    group and bin the largest closeness (max_dist - r)/max_dist over the group's objects, with linear
+    aliasing into the two neighbouring bins (bin i covers angles [i, i+1) * 2 pi / bins).
+    """
+    n = pos.shape[0]
+    out = np.zeros(n * len(groups) * bins)
+    objs = [np.broadcast_to(g, (n,) + np.shape(g)[-2:]) for g in groups]
+    group_of = np.concatenate([np.full(o.shape[1], j) for j, o in enumerate(objs)])
+    if group_of.size == 0:
+        return out.reshape(n, -1)
+    obj = np.concatenate(objs, axis=1)
+    dx, dy, dz = obj[..., 0] - pos[:, :1], obj[..., 1] - pos[:, 1:2], -pos[:, 2:3]
+    ego_x = rot[:, 0, 0, None] * dx + rot[:, 1, 0, None] * dy + rot[:, 2, 0, None] * dz   # R^T (object - robot)
+    ego_y = rot[:, 0, 1, None] * dx + rot[:, 1, 1, None] * dy + rot[:, 2, 1, None] * dz
+    width = 2 * np.pi / bins
+    position = (np.arctan2(ego_y, ego_x) % (2 * np.pi)) / width
+    index = np.minimum(position.astype(int), bins - 1)
+    alias = np.clip(position - index, 0.0, 1.0)
+    sensor = np.maximum(0.0, max_dist - np.hypot(ego_x, ego_y)) / max_dist
+    base = (np.arange(n)[:, None] * len(groups) + group_of[None]) * bins
+    targets = np.concatenate([base + index, base + (index + 1) % bins, base + (index - 1) % bins], axis=1)
+    values = np.concatenate([sensor, alias * sensor, (1 - alias) * sensor], axis=1)
+    np.maximum.at(out, targets.ravel(), values.ravel())
+    return out.reshape(n, -1)
+
+
+def place(rng: np.random.Generator, groups: list[tuple[int, float]], low: np.ndarray, high: np.ndarray,
+          what: str) -> list[np.ndarray]:
+    """Place `count` discs of keep-out radius r per group uniformly in the box [low, high], no two closer
+    than the sum of their radii. Bounded rejection sampling; raises TaskParamError naming `what`."""
+    placed_xy, placed_r, out = np.zeros((0, 2)), np.zeros(0), []
+    for count, radius in groups:
+        group = []
+        for _ in range(count):
+            for _ in range(_ROUNDS):
+                cand = rng.uniform(low, high, (_CANDIDATES, 2))
+                gap = np.linalg.norm(cand[:, None] - placed_xy[None], axis=2) - placed_r[None] - radius
+                ok = np.flatnonzero((gap >= 0).all(axis=1))
+                if ok.size:
+                    xy = cand[ok[0]]
+                    break
+            else:
+                raise TaskParamError(f"could not place {what}: no free spot after {_ROUNDS * _CANDIDATES} "
+                                     "candidates; use fewer objects or a larger area")
+            group.append(xy)
+            placed_xy, placed_r = np.vstack([placed_xy, xy]), np.append(placed_r, radius)
+        out.append(np.asarray(group).reshape(-1, 2))
+    return out
+
+
+def free_starts(rng: np.random.Generator, n: int, low: np.ndarray, high: np.ndarray, objects: np.ndarray,
+                clearance: np.ndarray, what: str) -> np.ndarray:
+    """n start points uniform in [low, high] with |start - object_k| >= clearance_k (bounded tries)."""
+    starts, missing = np.zeros((n, 2)), np.arange(n)
+    for _ in range(_ROUNDS):
+        cand = rng.uniform(low, high, (missing.size, _CANDIDATES, 2))
+        ok = (np.linalg.norm(cand[:, :, None] - objects[None, None], axis=3) >= clearance).all(axis=2)
+        first = ok.argmax(axis=1)
+        found = ok[np.arange(missing.size), first]
+        starts[missing[found]] = cand[found, first[found]]
+        missing = missing[~found]
+        if missing.size == 0:
+            return starts
+    raise TaskParamError(f"{what}: no collision-free start position found; the layout is too crowded")
+
+
+def start_area(layout: "Layout") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Box (low, high) of start positions, the objects a start must avoid and the clearance from each."""
+    if layout.kind == "circle":
+        half = np.array([min(CIRCLE_START, layout.wall - ROBOT_RADIUS), CIRCLE_START])
+        return -half, half, layout.hazards, np.full(len(layout.hazards), layout.hazard_size + ROBOT_RADIUS)
+    objects = np.vstack([layout.buttons, layout.hazards])
+    clearance = np.concatenate([np.full(len(layout.buttons), layout.button_size),
+                                np.full(len(layout.hazards), layout.hazard_size)]) + START_KEEPOUT
+    box = np.full(2, layout.extent)
+    return -box, box, objects, clearance
+
+
+def has_start_room(layout: "Layout", grid: int = 40) -> bool:
+    """Whether some point of a grid over the start box is clear of every object."""
+    low, high, objects, clearance = start_area(layout)
+    axes = [np.linspace(low[k], high[k], grid) for k in range(2)]
+    points = np.stack(np.meshgrid(*axes), axis=-1).reshape(-1, 2)
+    return bool((np.linalg.norm(points[:, None] - objects[None], axis=2) >= clearance).all(axis=1).any())
+
+
+# --------------------------------------------------------------------------- distributions
+class NavigationDistribution(TaskDistribution):
+    """Common options (horizon, limits, physics threads) and the env factory."""
+
+    robot: Robot = POINT
+
+    def __init__(self, horizon: int = PAPER_HORIZON, cost_limit: float | None = None,
+                 sim_threads: int | None = None) -> None:
+        self.horizon = P.horizon(self.name, horizon)
+        d = PAPER_D * self.horizon / PAPER_HORIZON if cost_limit is None else cost_limit
+        self.cost_limit = P.number(self.name, {"cost_limit": d}, "cost_limit")
+        self.sim_threads = sim_threads
+
+    def validate(self, task: Task) -> None:
+        super().validate(task)
+        P.limits(self.name, task.params)
+        if not has_start_room(self.layout(task.params)):
+            raise TaskParamError(f"{self.name}: the objects leave no room for the robot to start; "
+                                 "use fewer or smaller hazards/buttons")
+
+    def layout(self, params: dict[str, Any]) -> "Layout":
+        raise NotImplementedError
+
+    def make_env(self, task: Task, num_envs: int, seed: int, device: Any = "cpu") -> "NavigationEnv":
+        self.validate(task)
+        return NavigationEnv(self.name, self.robot, self.layout(task.params), P.limits(self.name, task.params),
+                             int(num_envs), self.horizon, int(seed), device, self.sim_threads)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Everything a navigation env needs to know about its task."""
+
+    kind: str                      # "circle" or "button"
+    radius: float = 0.0            # circle radius R
+    wall: float = math.inf         # walls at |x| = wall
+    hazards: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+    hazard_size: float = 0.0
+    buttons: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+    button_size: float = 0.0
+    extent: float = 0.0            # button tasks: objects and starts in |x|, |y| <= extent
+
+
+class _CircleDistribution(NavigationDistribution):
+    radius_range: tuple[float, float] = (1.0, 1.5)
+    wall_range: tuple[float, float] = (0.55, 0.75)
+
+    def _draw_circle(self, rng: np.random.Generator) -> dict[str, Any]:
+        return {"radius": rng.uniform(*self.radius_range), "wall_factor": rng.uniform(*self.wall_range)}
+
+    def _circle(self, params: dict[str, Any]) -> tuple[float, float]:
+        radius = P.number(self.name, params, "radius", low=0.0, strict_low=True)
+        factor = P.number(self.name, params, "wall_factor", low=0.0, strict_low=True)
+        if factor * radius <= ROBOT_RADIUS:
+            raise TaskParamError(f"{self.name}: wall_factor * radius must exceed {ROBOT_RADIUS} (room to start "
+                                 f"inside the walls), got {factor * radius:.3g}")
+        return radius, factor * radius
+
+
+class PointCircleDistribution(_CircleDistribution):
+    name = "point_circle"
+
+    def _sample(self, rng: np.random.Generator, n: int) -> list[dict[str, Any]]:
+        return [{**self._draw_circle(rng), "d": [self.cost_limit]} for _ in range(n)]
+
+    def layout(self, params: dict[str, Any]) -> Layout:
+        radius, wall = self._circle(params)
+        return Layout("circle", radius=radius, wall=wall)
+
+
+class CarCircleHazardDistribution(_CircleDistribution):
+    name = "car_circle_hazard"
+    robot = CAR
+    radius_range = (0.7, 1.0)
+
+    def __init__(self, n_hazards: int | list[int] = (3, 7), hazard_size: float = CIRCLE_HAZARD_SIZE,
+                 **options: Any) -> None:
+        super().__init__(**options)
+        self.n_hazards = P.count_range(self.name, "n_hazards", n_hazards)
+        self.hazard_size = P.positive(self.name, "hazard_size", hazard_size)
+
+    def _sample(self, rng: np.random.Generator, n: int) -> list[dict[str, Any]]:
+        out = []
+        for _ in range(n):
+            params = self._draw_circle(rng)
+            wall = params["radius"] * params["wall_factor"]
+            count = int(rng.integers(self.n_hazards[0], self.n_hazards[1] + 1))
+            try:
+                (hazards,) = place(rng, [(count, self.hazard_size)], np.array([-wall, -CIRCLE_HAZARD_Y]),
+                                   np.array([wall, CIRCLE_HAZARD_Y]), f"{count} hazards")
+            except TaskParamError as exc:
+                raise TaskParamError(f"{self.name}: n_hazards={list(self.n_hazards)} with hazard_size="
+                                     f"{self.hazard_size} in the safe strip |x| <= {wall:.3g}, |y| <= "
+                                     f"{CIRCLE_HAZARD_Y}: {exc}") from None
+            out.append({**params, "hazards": hazards.tolist(), "hazard_size": self.hazard_size,
+                        "d": [self.cost_limit]})
+        return out
+
+    def layout(self, params: dict[str, Any]) -> Layout:
+        radius, wall = self._circle(params)
+        size = P.number(self.name, params, "hazard_size", low=0.0, strict_low=True)
+        hazards = P.points(self.name, params, "hazards", extent=10.0)
+        return Layout("circle", radius=radius, wall=wall, hazards=hazards, hazard_size=size)
+
+
+class PointButtonDistribution(NavigationDistribution):
+    name = "point_button"
+
+    def __init__(self, n_buttons: int | list[int] = (6, 10), n_hazards: int | list[int] = (6, 10),
+                 extent: float = BUTTON_EXTENT, **options: Any) -> None:
+        super().__init__(**options)
+        self.n_buttons = P.count_range(self.name, "n_buttons", n_buttons, minimum=2)
+        self.n_hazards = P.count_range(self.name, "n_hazards", n_hazards)
+        self.extent = P.positive(self.name, "extent", extent)
+
+    def _sample(self, rng: np.random.Generator, n: int) -> list[dict[str, Any]]:
+        out = []
+        for _ in range(n):
+            nb = int(rng.integers(self.n_buttons[0], self.n_buttons[1] + 1))
+            nh = int(rng.integers(self.n_hazards[0], self.n_hazards[1] + 1))
+            box = np.full(2, self.extent)
+            try:
+                buttons, hazards = place(rng, [(nb, BUTTON_KEEPOUT), (nh, BUTTON_KEEPOUT)], -box, box,
+                                         f"{nb} buttons and {nh} hazards")
+            except TaskParamError as exc:
+                raise TaskParamError(f"{self.name}: n_buttons={list(self.n_buttons)}, n_hazards="
+                                     f"{list(self.n_hazards)} in |x|, |y| <= {self.extent}: {exc}") from None
+            out.append({"buttons": buttons.tolist(), "hazards": hazards.tolist(), "button_size": BUTTON_SIZE,
+                        "hazard_size": BUTTON_HAZARD_SIZE, "extent": self.extent, "d": [self.cost_limit]})
+        return out
+
+    def layout(self, params: dict[str, Any]) -> Layout:
+        extent = P.number(self.name, params, "extent", low=0.0, strict_low=True)
+        buttons = P.points(self.name, params, "buttons", extent)
+        if len(buttons) < 2:
+            raise TaskParamError(f"{self.name}: parameter 'buttons' needs at least 2 buttons, got {len(buttons)}")
+        return Layout("button", buttons=buttons, hazards=P.points(self.name, params, "hazards", extent),
+                      button_size=P.number(self.name, params, "button_size", low=0.0, strict_low=True),
+                      hazard_size=P.number(self.name, params, "hazard_size", low=0.0, strict_low=True),
+                      extent=extent)
+
+
+# --------------------------------------------------------------------------- model and env
+def build_model(robot: Robot, layout: Layout) -> mujoco.MjModel:
+    """The robot's MJCF plus the task's objects as non-colliding geoms, compiled once."""
+    spec = mujoco.MjSpec.from_file(str(_ASSETS / robot.xml))
+
+    def visual(name: str, kind: Any, size: list[float], pos: list[float], rgba: list[float]) -> None:
+        g = spec.worldbody.add_geom()
+        g.name, g.type, g.size, g.pos, g.rgba = name, kind, size, pos, rgba
+        g.contype = g.conaffinity = 0
+
+    if layout.kind == "circle":
+        visual("circle", mujoco.mjtGeom.mjGEOM_CYLINDER, [layout.radius, 0.01, 0], [0, 0, 0.01], [0, 0.8, 0, 0.1])
+        for sign in (-1, 1):
+            visual(f"wall{(sign + 1) // 2}", mujoco.mjtGeom.mjGEOM_BOX, [0.05, 3.5, 0.3], [sign * layout.wall, 0, 0.25],
+                   [0.5, 0.5, 0.5, 0.1])
+    for i, (x, y) in enumerate(layout.hazards):
+        visual(f"hazard{i}", mujoco.mjtGeom.mjGEOM_CYLINDER, [layout.hazard_size, 0.01, 0], [x, y, 0.02],
+               [0, 0, 1, 0.25])
+    for i, (x, y) in enumerate(layout.buttons):
+        visual(f"button{i}", mujoco.mjtGeom.mjGEOM_SPHERE, [layout.button_size, 0, 0], [x, y, layout.button_size],
+               [1, 0.5, 0, 1])
+    return spec.compile()
+
+
+class NavigationEnv:
+    """`num_envs` copies of one navigation task; BatchEnv conventions of base.py."""
+
+    def __init__(self, scenario: str, robot: Robot, layout: Layout, d: np.ndarray, num_envs: int, horizon: int,
+                 seed: int, device: Any, sim_threads: int | None) -> None:
+        self.scenario, self.robot, self.layout = scenario, robot, layout
+        self.num_envs, self.horizon = num_envs, horizon
+        self.model = build_model(robot, layout)
+        self.sim = BatchSim(self.model, num_envs, FRAME_SKIP, sim_threads, fields=("sensordata",))
+        self.rng = np.random.default_rng(seed)
+        self.cost_limits, self.num_constraints = np.asarray(d, dtype=np.float64), 1
+        self._low, self._high = self.model.actuator_ctrlrange.T.copy()
+        self.action_space = spaces.Box(self._low.astype(np.float32), self._high.astype(np.float32))
+        self.clock = EpisodeClock(num_envs, horizon, 1, device)
+        self.device = self.clock.device
+        self._lidar_range = CIRCLE_LIDAR_RANGE if layout.kind == "circle" else BUTTON_LIDAR_RANGE
+        groups = 3 if layout.kind == "button" else 1 + (layout.hazard_size > 0)
+        dim = robot.sensor_dim + LIDAR_BINS * groups
+        self.observation_space = spaces.Box(-np.inf, np.inf, (dim,), np.float32)
+        self.goal = np.zeros(num_envs, int)
+        self.mute = np.zeros(num_envs, int)
+        self.last_goal_dist = np.zeros(num_envs)
+        self.reset()
+
+    # -- state
+    def reset(self) -> Any:
+        """New start positions and headings (and goal buttons); the model is not rebuilt."""
+        n, lay = self.num_envs, self.layout
+        xy = free_starts(self.rng, n, *start_area(lay), self.scenario)
+        if lay.kind == "button":
+            self.goal = self.rng.integers(0, len(lay.buttons), n)
+            self.mute[:] = 0
+        heading = self.rng.uniform(0, 2 * np.pi, n)
+        self.sim.set_state(np.arange(n), self.robot.qpos_at(xy, heading, self.model.nq), np.zeros((n, self.model.nv)))
+        self._pose = self.robot.pose(self.sim.qpos)
+        if lay.kind == "button":
+            self.last_goal_dist = self._goal_distance()
+        return self.clock.reset(self._obs())
+
+    def set_pose(self, xy: np.ndarray, heading: np.ndarray, velocity: np.ndarray | None = None) -> Any:
+        """Put the copies at hand-built positions [N, 2], headings [N] and planar velocities [N, 2]."""
+        n = self.num_envs
+        qvel = np.zeros((n, self.model.nv))
+        if velocity is not None:
+            qvel[:, :2] = velocity
+        self.sim.set_state(np.arange(n), self.robot.qpos_at(np.asarray(xy, float).reshape(n, 2),
+                                                             np.broadcast_to(heading, (n,)), self.model.nq), qvel)
+        self._pose = self.robot.pose(self.sim.qpos)
+        if self.layout.kind == "button":
+            self.last_goal_dist = self._goal_distance()
+        return self.clock.reset(self._obs())
+
+    def step(self, actions: Any) -> StepResult:
+        a = as_numpy_actions(actions, self.num_envs, self._low, self._high)
+        self.sim.step(a, ~self.clock.done)
+        self._pose = self.robot.pose(self.sim.qpos)
+        if self.layout.kind == "circle":
+            reward, cost = self._circle_reward(), self._wall_cost() | self._hazard_cost()
+        else:
+            reward, cost = self._button_step()
+        return self.clock.finish(self._obs(), reward, cost.astype(np.float64), np.zeros(self.num_envs, bool))
+
+    def close(self) -> None:
+        self.sim.close()
+
+    # -- reward and cost
+    def _xy(self) -> np.ndarray:
+        return self._pose[0][:, :2]
+
+    def _circle_reward(self) -> np.ndarray:
+        xy, v = self._xy(), self.robot.velocity(self.sim.qvel)
+        rho = np.maximum(np.linalg.norm(xy, axis=1), 1e-9)
+        tangential = (-v[:, 0] * xy[:, 1] + v[:, 1] * xy[:, 0]) / rho
+        return CIRCLE_REWARD_SCALE * tangential / (1.0 + np.abs(rho - self.layout.radius))
+
+    def _wall_cost(self) -> np.ndarray:
+        return np.abs(self._xy()[:, 0]) > self.layout.wall
+
+    def _hazard_cost(self) -> np.ndarray:
+        if len(self.layout.hazards) == 0:
+            return np.zeros(self.num_envs, bool)
+        dist = np.linalg.norm(self._xy()[:, None] - self.layout.hazards[None], axis=2)
+        return (dist < self.layout.hazard_size).any(axis=1)
+
+    def _goal_distance(self) -> np.ndarray:
+        return np.linalg.norm(self._xy() - self.layout.buttons[self.goal], axis=1)
+
+    def _button_step(self) -> tuple[np.ndarray, np.ndarray]:
+        """Safety-Gymnasium's button rules: shaping + goal bonus, wrong-button and hazard cost, mute timer."""
+        lay, n = self.layout, self.num_envs
+        dist = self._goal_distance()
+        touching = np.linalg.norm(self._xy()[:, None] - lay.buttons[None], axis=2) < lay.button_size + ROBOT_RADIUS
+        reached = touching[np.arange(n), self.goal]
+        reward = (self.last_goal_dist - dist) + reached.astype(float)
+        wrong = touching.copy()
+        wrong[np.arange(n), self.goal] = False
+        cost = (wrong.any(axis=1) & (self.mute == 0)) | self._hazard_cost()
+        self.mute = np.maximum(0, self.mute - 1)
+        if reached.any():
+            rows = np.flatnonzero(reached)
+            shift = self.rng.integers(1, len(lay.buttons), rows.size)   # any button but the current one
+            self.goal[rows] = (self.goal[rows] + shift) % len(lay.buttons)
+            self.mute[rows] = BUTTON_MUTE_STEPS
+        self.last_goal_dist = self._goal_distance()
+        return reward, cost
+
+    # -- observation
+    def _obs(self) -> np.ndarray:
+        pos, rot = self._pose
+        lay = self.layout
+        if lay.kind == "circle":
+            groups = [np.zeros((1, 2))] + ([lay.hazards] if lay.hazard_size > 0 else [])
+            lidar = pseudo_lidar(groups, pos, rot, self._lidar_range)
+        else:
+            lidar = pseudo_lidar([lay.buttons, lay.buttons[self.goal][:, None], lay.hazards], pos, rot,
+                                 self._lidar_range)
+            lidar[self.mute > 0, :LIDAR_BINS] = 0.0   # muted buttons read nothing
+        return np.concatenate([self.robot.sensors(self.sim.buffers["sensordata"]), lidar], axis=1)

@@ -1,0 +1,82 @@
+"""Reading and checking task parameters and distribution options.
+
+Every failure raises `TaskParamError` with the scenario and the parameter in the message, so a bad
+task file or config entry says what to fix.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from .base import TaskParamError
+
+
+def number(scenario: str, params: Mapping[str, Any], key: str, *, low: float = -math.inf,
+           high: float = math.inf, strict_low: bool = False) -> float:
+    """A finite float `params[key]` in [low, high] (or (low, high] when strict_low)."""
+    if key not in params:
+        raise TaskParamError(f"{scenario}: missing parameter {key!r}")
+    value = params[key]
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise TaskParamError(f"{scenario}: parameter {key!r} must be a number, got {value!r:.80}") from None
+    below = x <= low if strict_low else x < low
+    if not math.isfinite(x) or below or x > high:
+        bracket = "(" if strict_low else "["
+        raise TaskParamError(f"{scenario}: parameter {key!r} must lie in {bracket}{low}, {high}], got {value!r}")
+    return x
+
+
+def limits(scenario: str, params: Mapping[str, Any], p: int = 1) -> np.ndarray:
+    """The cost-limit vector `d` of length p."""
+    if "d" not in params:
+        raise TaskParamError(f"{scenario}: missing parameter 'd' (cost limits, a list of length {p})")
+    try:
+        d = np.asarray(params["d"], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TaskParamError(f"{scenario}: parameter 'd' must be a list of {p} numbers, got {params['d']!r:.80}") from None
+    if d.shape != (p,) or not np.isfinite(d).all():
+        raise TaskParamError(f"{scenario}: parameter 'd' must be a list of {p} finite numbers, got {params['d']!r:.80}")
+    return d
+
+
+def points(scenario: str, params: Mapping[str, Any], key: str, extent: float) -> np.ndarray:
+    """A list of [x, y] positions `params[key]` inside the square |x|, |y| <= extent, as [K, 2]."""
+    if key not in params:
+        raise TaskParamError(f"{scenario}: missing parameter {key!r} (a list of [x, y] positions)")
+    try:
+        xy = np.asarray(params[key], dtype=np.float64).reshape(-1, 2) if len(params[key]) else np.zeros((0, 2))
+    except (TypeError, ValueError):
+        raise TaskParamError(f"{scenario}: parameter {key!r} must be a list of [x, y] pairs, got {params[key]!r:.80}") from None
+    if not np.isfinite(xy).all() or (np.abs(xy) > extent).any():
+        raise TaskParamError(f"{scenario}: parameter {key!r} must hold finite [x, y] pairs with |x|, |y| <= {extent}")
+    return xy
+
+
+def count_range(scenario: str, option: str, value: Any, minimum: int = 0) -> tuple[int, int]:
+    """A distribution option that is a count or an inclusive [low, high] count range."""
+    lo, hi = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
+    if int(lo) != lo or int(hi) != hi or not minimum <= lo <= hi:
+        raise TaskParamError(f"{scenario}: option {option!r} must be an integer or [low, high] with "
+                             f"{minimum} <= low <= high, got {value!r}")
+    return int(lo), int(hi)
+
+
+def positive(scenario: str, option: str, value: Any) -> float:
+    """A distribution option that must be a finite positive number."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        x = math.nan
+    if not math.isfinite(x) or x <= 0:
+        raise TaskParamError(f"{scenario}: option {option!r} must be a positive number, got {value!r}")
+    return x
+
+
+def horizon(scenario: str, value: Any) -> int:
+    if int(value) != value or int(value) < 1:
+        raise TaskParamError(f"{scenario}: option 'horizon' must be a positive integer, got {value!r}")
+    return int(value)
