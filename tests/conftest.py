@@ -34,3 +34,14 @@ def with_limits_near(cmdp: TabularCMDP, logits: np.ndarray, margin: float | np.n
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(12345)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def single_torch_thread():
+    """Small networks run fastest on one thread (and CI has two cores shared with the rest)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -78,7 +78,7 @@ def test_eq6_is_exact_when_no_constraint_is_active():
 
 
 def test_first_order_is_alg4_line7():
-    """first_order = (1/(1-gamma)) E_{nu^tau, pi^tau}[grad log pi_phi Q^tau], written out for logits."""
+    """first_order = (1/(1-gamma)) E_{nu^tau, pi^tau}[grad log pi_phi A^tau], written out for logits."""
     m = random_cmdp(3)
     logits = np.random.default_rng(3).normal(size=(5, 3))
     adaptation = AdaptationSettings(lam=0.5, lam_c=0.5)
@@ -86,7 +86,7 @@ def test_first_order_is_alg4_line7():
     pi_tau = np.exp(g.adapt.logits)
     ev_tau = evaluate(m, pi_tau)
     pi = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    weighted = ev_tau.nu[:, None] * pi_tau * ev_tau.Q                           # nu pi^tau Q^tau
+    weighted = ev_tau.nu[:, None] * pi_tau * ev_tau.A                           # nu pi^tau A^tau
     expected = (weighted - pi * weighted.sum(1, keepdims=True)) / (1 - m.gamma)  # d log pi / d phi
     np.testing.assert_allclose(g.grad, expected, atol=1e-12)
 

@@ -12,7 +12,33 @@ from typing import Callable
 
 import torch
 
+from .policies import NeuralPolicy
+
 Vector = torch.Tensor
+
+
+def flat_grad(output: torch.Tensor, params: list[torch.Tensor], **kwargs) -> Vector:
+    """d output / d params as one flat vector (zeros for parameters it does not depend on)."""
+    grads = torch.autograd.grad(output, params, allow_unused=True, **kwargs)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
+
+
+def fisher_vector_product(policy: NeuralPolicy, obs: torch.Tensor, weights: torch.Tensor) -> Callable[[Vector], Vector]:
+    """v -> F v with F the Hessian, at the current parameters, of sum_s w(s) KL(pi_current(.|s) || pi_theta(.|s)).
+
+    That Hessian is the Fisher information of the policy under the state weights w (for TRPO
+    the normalised visitation), computed by double back-propagation.
+    """
+    params = list(policy.parameters())
+    with torch.no_grad():
+        reference = policy.distribution(obs)
+    kl = (weights * policy.kl(obs, reference)).sum()
+    grad_kl = flat_grad(kl, params, create_graph=True)
+
+    def fvp(v: Vector) -> Vector:
+        return flat_grad(grad_kl @ v, params, retain_graph=True)
+
+    return fvp
 
 
 def conjugate_gradient(fvp: Callable[[Vector], Vector], b: Vector, iters: int = 10,

@@ -15,8 +15,10 @@ Meta-gradients (`kind`):
   (a centred score). We differentiate the closed form itself, which is the derivative the
   proposition states; a literal un-centred Q weighting differs from it by
   E_{nu^tau}[E_{pi^tau}[grad(f + Qbar/eta)] V^{pi^tau}(s)] / (1-gamma).
-- "first_order": Alg. 4 line 7, (1/(1-gamma)) E_{s~nu^tau, a~pi^tau}[grad f_phi(s,a) Q^tau(s,a)]:
-  drops the eta^-1 grad Qbar term (what the sampled algorithm estimates).
+- "first_order": Alg. 4 line 7, (1/(1-gamma)) E_{s~nu^tau, a~pi^tau}[grad f_phi(s,a) A^tau(s,a)]:
+  drops the eta^-1 grad Qbar term; the first term of the derivative, with the score centred
+  under pi^tau as Lemma 3 needs (the line prints Q^tau; with a centred score Q and A agree).
+  This is what the sampled Alg. 4 (meta/safe_meta.py) estimates without bias.
 
 Meta-training (Alg. 2): each iteration draws a batch of training tasks and checks the meta-
 policy's costs on them (line 4). A task within d + delta offers its meta-gradient (line 7); a
@@ -81,10 +83,10 @@ def meta_gradient(cmdp: TabularCMDP, logits: np.ndarray, adaptation: AdaptationS
     phi = torch.tensor(np.asarray(logits), dtype=torch.float64, requires_grad=True)
     log_pi = torch.log_softmax(phi, dim=-1)
 
-    if kind == "first_order":  # Alg. 4 line 7 with exact nu^tau, pi^tau, Q^tau
+    if kind == "first_order":  # Alg. 4 line 7 with exact nu^tau, pi^tau, A^tau
         log_pu = torch.from_numpy(res.logits)
         ev_tau = evaluate_torch(cmdp, log_pu.exp())
-        surrogate = (ev_tau.nu[:, None] * log_pu.exp() * ev_tau.Q * log_pi).sum() / (1.0 - gamma)
+        surrogate = (ev_tau.nu[:, None] * log_pu.exp() * ev_tau.A * log_pi).sum() / (1.0 - gamma)
         grad = torch.autograd.grad(surrogate, phi)[0]
         return MetaGradient(float(ev_tau.J), grad.numpy(), res)
 

@@ -40,12 +40,16 @@ def distribution_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_distribution(name: str, **options: Any) -> TaskDistribution:
+def distribution_class(name: str) -> type[TaskDistribution]:
+    """The class registered under `name` (its module is imported on first use)."""
     if name not in _REGISTRY:
         raise KeyError(f"unknown task distribution {name!r}; known: {', '.join(distribution_names())}")
     module_name, class_name = _REGISTRY[name].split(":")
-    module = importlib.import_module(f"{__name__}.{module_name}")
-    cls = getattr(module, class_name)
+    return getattr(importlib.import_module(f"{__name__}.{module_name}"), class_name)
+
+
+def get_distribution(name: str, **options: Any) -> TaskDistribution:
+    cls = distribution_class(name)
     try:
         return cls(**options)
     except TypeError as exc:  # unknown or missing option: say which distribution
@@ -54,5 +58,5 @@ def get_distribution(name: str, **options: Any) -> TaskDistribution:
 
 __all__ = [
     "BatchEnv", "StepResult", "Task", "TaskDistribution", "TaskParamError",
-    "distribution_names", "get_distribution", "register",
+    "distribution_class", "distribution_names", "get_distribution", "register",
 ]

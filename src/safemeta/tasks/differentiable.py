@@ -38,7 +38,7 @@ import torch
 from gymnasium import spaces
 
 from . import params as P
-from .base import StepResult, Task, TaskDistribution, TaskParamError
+from .base import StepResult, Task, TaskParamError
 
 
 def function_f(x: torch.Tensor, floor: bool = False) -> torch.Tensor:
@@ -54,32 +54,15 @@ def _dtype(scenario: str, name: str) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- distributions
-class TorchDistribution(TaskDistribution):
+class TorchDistribution(P.ScaledLimitDistribution):
     """Options shared by the torch tasks; subclasses set the constants and the env class."""
 
     paper_horizon: int = 100
-    paper_d: float = 0.0
     env_class: type = None  # type: ignore[assignment]
 
     def __init__(self, horizon: int | None = None, cost_limit: float | None = None, dtype: str = "float32") -> None:
-        self.horizon = P.horizon(self.name, self.paper_horizon if horizon is None else horizon)
-        d = self.paper_d * self.horizon / self.paper_horizon if cost_limit is None else cost_limit
-        self.cost_limit = P.number(self.name, {"cost_limit": d}, "cost_limit")
+        super().__init__(horizon, cost_limit)
         self.dtype = _dtype(self.name, dtype)
-
-    def _sample(self, rng: np.random.Generator, n: int) -> list[dict[str, Any]]:
-        return [{**self._draw(rng), "d": [self.cost_limit]} for _ in range(n)]
-
-    def _draw(self, rng: np.random.Generator) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def validate(self, task: Task) -> None:
-        super().validate(task)
-        P.limits(self.name, task.params)
-        self._check(task.params)
-
-    def _check(self, params: dict[str, Any]) -> dict[str, float]:
-        raise NotImplementedError
 
     def make_env(self, task: Task, num_envs: int, seed: int, device: Any = "cpu") -> "TorchEnv":
         self.validate(task)

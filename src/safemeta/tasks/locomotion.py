@@ -49,7 +49,7 @@ import numpy as np
 from gymnasium import spaces
 
 from . import params as P
-from .base import StepResult, Task, TaskDistribution
+from .base import StepResult, Task
 from .mujoco_batch import BatchSim, EpisodeClock, as_numpy_actions
 
 PAPER_HORIZON = 200
@@ -77,34 +77,18 @@ def gym_model(xml_name: str) -> mujoco.MjModel:
 
 
 # --------------------------------------------------------------------------- distributions
-class LocomotionDistribution(TaskDistribution):
+class LocomotionDistribution(P.ScaledLimitDistribution):
     """Common part: options, limits, and the env factory. Subclasses set the scenario constants."""
 
     xml: str = ""
     frame_skip: int = 1
-    paper_d: float = 0.0
+    paper_horizon: int = PAPER_HORIZON
     env_class: type = None  # type: ignore[assignment]
 
-    def __init__(self, horizon: int = PAPER_HORIZON, cost_limit: float | None = None,
+    def __init__(self, horizon: int | None = None, cost_limit: float | None = None,
                  sim_threads: int | None = None) -> None:
-        self.horizon = P.horizon(self.name, horizon)
-        d = self.paper_d * self.horizon / PAPER_HORIZON if cost_limit is None else cost_limit
-        self.cost_limit = P.number(self.name, {"cost_limit": d}, "cost_limit")
+        super().__init__(horizon, cost_limit)
         self.sim_threads = sim_threads
-
-    def _sample(self, rng: np.random.Generator, n: int) -> list[dict[str, Any]]:
-        return [{**self._draw(rng), "d": [self.cost_limit]} for _ in range(n)]
-
-    def _draw(self, rng: np.random.Generator) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def validate(self, task: Task) -> None:
-        super().validate(task)
-        P.limits(self.name, task.params)
-        self._check(task.params)
-
-    def _check(self, params: dict[str, Any]) -> None:
-        raise NotImplementedError
 
     def make_env(self, task: Task, num_envs: int, seed: int, device: Any = "cpu") -> "LocomotionEnv":
         self.validate(task)

@@ -57,7 +57,7 @@ import numpy as np
 from gymnasium import spaces
 
 from . import params as P
-from .base import StepResult, Task, TaskDistribution, TaskParamError
+from .base import StepResult, Task, TaskParamError
 from .mujoco_batch import BatchSim, EpisodeClock, as_numpy_actions
 
 PAPER_HORIZON = 500
@@ -240,22 +240,20 @@ def has_start_room(layout: "Layout", grid: int = 40) -> bool:
 
 
 # --------------------------------------------------------------------------- distributions
-class NavigationDistribution(TaskDistribution):
+class NavigationDistribution(P.ScaledLimitDistribution):
     """Common options (horizon, limits, physics threads) and the env factory."""
 
     robot: Robot = POINT
+    paper_horizon: int = PAPER_HORIZON
+    paper_d: float = PAPER_D
 
-    def __init__(self, horizon: int = PAPER_HORIZON, cost_limit: float | None = None,
+    def __init__(self, horizon: int | None = None, cost_limit: float | None = None,
                  sim_threads: int | None = None) -> None:
-        self.horizon = P.horizon(self.name, horizon)
-        d = PAPER_D * self.horizon / PAPER_HORIZON if cost_limit is None else cost_limit
-        self.cost_limit = P.number(self.name, {"cost_limit": d}, "cost_limit")
+        super().__init__(horizon, cost_limit)
         self.sim_threads = sim_threads
 
-    def validate(self, task: Task) -> None:
-        super().validate(task)
-        P.limits(self.name, task.params)
-        if not has_start_room(self.layout(task.params)):
+    def _check(self, params: dict[str, Any]) -> None:
+        if not has_start_room(self.layout(params)):
             raise TaskParamError(f"{self.name}: the objects leave no room for the robot to start; "
                                  "use fewer or smaller hazards/buttons")
 
@@ -301,8 +299,8 @@ class _CircleDistribution(NavigationDistribution):
 class PointCircleDistribution(_CircleDistribution):
     name = "point_circle"
 
-    def _sample(self, rng: np.random.Generator, n: int) -> list[dict[str, Any]]:
-        return [{**self._draw_circle(rng), "d": [self.cost_limit]} for _ in range(n)]
+    def _draw(self, rng: np.random.Generator) -> dict[str, Any]:
+        return self._draw_circle(rng)
 
     def layout(self, params: dict[str, Any]) -> Layout:
         radius, wall = self._circle(params)
@@ -320,22 +318,18 @@ class CarCircleHazardDistribution(_CircleDistribution):
         self.n_hazards = P.count_range(self.name, "n_hazards", n_hazards)
         self.hazard_size = P.positive(self.name, "hazard_size", hazard_size)
 
-    def _sample(self, rng: np.random.Generator, n: int) -> list[dict[str, Any]]:
-        out = []
-        for _ in range(n):
-            params = self._draw_circle(rng)
-            wall = params["radius"] * params["wall_factor"]
-            count = int(rng.integers(self.n_hazards[0], self.n_hazards[1] + 1))
-            try:
-                (hazards,) = place(rng, [(count, self.hazard_size)], np.array([-wall, -CIRCLE_HAZARD_Y]),
-                                   np.array([wall, CIRCLE_HAZARD_Y]), f"{count} hazards")
-            except TaskParamError as exc:
-                raise TaskParamError(f"{self.name}: n_hazards={list(self.n_hazards)} with hazard_size="
-                                     f"{self.hazard_size} in the safe strip |x| <= {wall:.3g}, |y| <= "
-                                     f"{CIRCLE_HAZARD_Y}: {exc}") from None
-            out.append({**params, "hazards": hazards.tolist(), "hazard_size": self.hazard_size,
-                        "d": [self.cost_limit]})
-        return out
+    def _draw(self, rng: np.random.Generator) -> dict[str, Any]:
+        params = self._draw_circle(rng)
+        wall = params["radius"] * params["wall_factor"]
+        count = int(rng.integers(self.n_hazards[0], self.n_hazards[1] + 1))
+        try:
+            (hazards,) = place(rng, [(count, self.hazard_size)], np.array([-wall, -CIRCLE_HAZARD_Y]),
+                               np.array([wall, CIRCLE_HAZARD_Y]), f"{count} hazards")
+        except TaskParamError as exc:
+            raise TaskParamError(f"{self.name}: n_hazards={list(self.n_hazards)} with hazard_size="
+                                 f"{self.hazard_size} in the safe strip |x| <= {wall:.3g}, |y| <= "
+                                 f"{CIRCLE_HAZARD_Y}: {exc}") from None
+        return {**params, "hazards": hazards.tolist(), "hazard_size": self.hazard_size}
 
     def layout(self, params: dict[str, Any]) -> Layout:
         radius, wall = self._circle(params)
@@ -354,21 +348,18 @@ class PointButtonDistribution(NavigationDistribution):
         self.n_hazards = P.count_range(self.name, "n_hazards", n_hazards)
         self.extent = P.positive(self.name, "extent", extent)
 
-    def _sample(self, rng: np.random.Generator, n: int) -> list[dict[str, Any]]:
-        out = []
-        for _ in range(n):
-            nb = int(rng.integers(self.n_buttons[0], self.n_buttons[1] + 1))
-            nh = int(rng.integers(self.n_hazards[0], self.n_hazards[1] + 1))
-            box = np.full(2, self.extent)
-            try:
-                buttons, hazards = place(rng, [(nb, BUTTON_KEEPOUT), (nh, BUTTON_KEEPOUT)], -box, box,
-                                         f"{nb} buttons and {nh} hazards")
-            except TaskParamError as exc:
-                raise TaskParamError(f"{self.name}: n_buttons={list(self.n_buttons)}, n_hazards="
-                                     f"{list(self.n_hazards)} in |x|, |y| <= {self.extent}: {exc}") from None
-            out.append({"buttons": buttons.tolist(), "hazards": hazards.tolist(), "button_size": BUTTON_SIZE,
-                        "hazard_size": BUTTON_HAZARD_SIZE, "extent": self.extent, "d": [self.cost_limit]})
-        return out
+    def _draw(self, rng: np.random.Generator) -> dict[str, Any]:
+        nb = int(rng.integers(self.n_buttons[0], self.n_buttons[1] + 1))
+        nh = int(rng.integers(self.n_hazards[0], self.n_hazards[1] + 1))
+        box = np.full(2, self.extent)
+        try:
+            buttons, hazards = place(rng, [(nb, BUTTON_KEEPOUT), (nh, BUTTON_KEEPOUT)], -box, box,
+                                     f"{nb} buttons and {nh} hazards")
+        except TaskParamError as exc:
+            raise TaskParamError(f"{self.name}: n_buttons={list(self.n_buttons)}, n_hazards="
+                                 f"{list(self.n_hazards)} in |x|, |y| <= {self.extent}: {exc}") from None
+        return {"buttons": buttons.tolist(), "hazards": hazards.tolist(), "button_size": BUTTON_SIZE,
+                "hazard_size": BUTTON_HAZARD_SIZE, "extent": self.extent}
 
     def layout(self, params: dict[str, Any]) -> Layout:
         extent = P.number(self.name, params, "extent", low=0.0, strict_low=True)

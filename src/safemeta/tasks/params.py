@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .base import TaskParamError
+from .base import Task, TaskDistribution, TaskParamError
 
 
 def number(scenario: str, params: Mapping[str, Any], key: str, *, low: float = -math.inf,
@@ -80,3 +80,38 @@ def horizon(scenario: str, value: Any) -> int:
     if int(value) != value or int(value) < 1:
         raise TaskParamError(f"{scenario}: option 'horizon' must be a positive integer, got {value!r}")
     return int(value)
+
+
+_checked_horizon = horizon
+
+
+class ScaledLimitDistribution(TaskDistribution):
+    """Options shared by the sampled scenarios, and tasks that carry their limit.
+
+    `horizon` defaults to the paper's; the limit d defaults to the paper's, scaled with the
+    horizon so that the per-step budget stays the paper's, unless `cost_limit` sets it. Subclasses
+    set `paper_horizon`, `paper_d` and implement `_draw` (one task's parameters) and `_check`
+    (validate them); every sampled task gets "d", and `validate` checks it first.
+    """
+
+    paper_horizon: int = 1
+    paper_d: float = 0.0
+
+    def __init__(self, horizon: int | None = None, cost_limit: float | None = None) -> None:
+        self.horizon = _checked_horizon(self.name, self.paper_horizon if horizon is None else horizon)
+        d = self.paper_d * self.horizon / self.paper_horizon if cost_limit is None else cost_limit
+        self.cost_limit = number(self.name, {"cost_limit": d}, "cost_limit")
+
+    def _sample(self, rng: np.random.Generator, n: int) -> list[dict[str, Any]]:
+        return [{**self._draw(rng), "d": [self.cost_limit]} for _ in range(n)]
+
+    def _draw(self, rng: np.random.Generator) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def validate(self, task: Task) -> None:
+        super().validate(task)
+        limits(self.name, task.params)
+        self._check(task.params)
+
+    def _check(self, params: dict[str, Any]) -> Any:
+        raise NotImplementedError

@@ -1,0 +1,93 @@
+"""Cost of the safe meta-step against a plain policy-gradient step, on the same samples.
+
+For each scenario: roll out the meta-policy and its one-step adaptation once, then time
+(median of repeats, policy reset in between)
+- plain: one TRPO step on the policy-gradient surrogate of the meta-policy's own batch;
+- meta:  one TRPO step on Alg. 4's meta-gradient surrogate (line 7, centred score, Hessian-free)
+         with the same Fisher samples (the meta-policy's batch), i.e. what an iteration pays;
+- adapt: one sampled A^s solve (natural step, PGD on the multipliers) on the meta batch.
+Prints meta/plain (the paper's claim: comparable to a policy-gradient step; goal <= 1.3).
+
+    .venv/bin/python benchmarks/bench_meta_step.py [--quick] [--scenarios a b ...]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from safemeta.adaptation.dual_pgd import SampledAdaptationSettings, adapt_sampled
+from safemeta.meta.safe_meta import (SampledMetaTrainSettings, SamplingSettings, _trpo_meta_step,
+                                     initial_sampled_state, meta_gradient_surrogate, rollout_policy)
+from safemeta.policies import policy_from_checkpoint
+from safemeta.rollout import time_baseline
+from safemeta.tasks import get_distribution
+
+SCENARIOS = {  # name -> (rollouts, horizon): App. D.2 sizes
+    "half_cheetah_vel": (40, 200), "hopper_vel": (40, 200), "swimmer_vel": (40, 200), "humanoid_dir": (40, 200),
+    "point_circle": (10, 500), "car_circle_hazard": (10, 500), "point_button": (10, 500),
+    "point_circle_diff": (10, 200),
+}
+
+
+def plain_surrogate(policy, batch):
+    """The TRPO surrogate sum_t nu_t rho_t A_t of the policy's own samples (plain policy gradient)."""
+    alive = batch.alive
+    obs, actions, old = batch.obs[alive], batch.actions[alive], batch.log_prob[alive]
+    weight = batch.discount[alive] / batch.num_rollouts
+    adv = (batch.q_reward - time_baseline(batch.q_reward, alive))[alive]
+    return lambda params: (weight * torch.exp(policy.log_prob(obs, actions, params) - old) * adv).sum()
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench(name: str, rollouts: int, horizon: int, repeats: int) -> tuple[float, float, float, int]:
+    dist = get_distribution(name, horizon=horizon)
+    task = dist.sample(1, 0)[0]
+    meta = policy_from_checkpoint(initial_sampled_state(dist, task, {}, 0).policy)
+    sampling = SamplingSettings(rollouts=rollouts)
+    batch = rollout_policy(dist, task, meta, sampling, seed=1)
+    d = batch.constraint_value.double().numpy() + 1.0  # a binding limit, so PGD does real work
+    adaptation = SampledAdaptationSettings(lam=1.0, lam_c=1.0)
+    result = adapt_sampled(meta, batch, d, adaptation)
+    adapted_batch = rollout_policy(dist, task, result.policy, sampling, seed=2)
+    settings = SampledMetaTrainSettings(max_kl=1e-3, cg_iters=10, cg_damping=0.1)
+    start = meta.flat()
+
+    def step(surrogate):
+        meta.load_flat(start)
+        _trpo_meta_step(meta, [("step", surrogate, batch)], settings, 0)
+
+    plain = median_time(lambda: step(plain_surrogate(meta, batch)), repeats)
+    meta_t = median_time(lambda: step(meta_gradient_surrogate(meta, result.policy, adapted_batch)), repeats)
+    adapt = median_time(lambda: adapt_sampled(meta, batch, d, adaptation), repeats)
+    return plain, meta_t, adapt, int(batch.alive.sum())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--quick", action="store_true", help="a quarter of the horizon, 3 repeats")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"{'scenario':20s} {'samples':>8s} {'plain s':>9s} {'meta s':>9s} {'meta/plain':>10s} {'adapt s':>9s}")
+    for name in args.scenarios:
+        rollouts, horizon = SCENARIOS[name]
+        horizon = horizon // 4 if args.quick else horizon
+        plain, meta, adapt, samples = bench(name, rollouts, horizon, 3 if args.quick else args.repeats)
+        print(f"{name:20s} {samples:8d} {plain:9.3f} {meta:9.3f} {meta / plain:10.2f} {adapt:9.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""Alg. 4: safe meta-training on sampled tasks (Gaussian or categorical policies, MC Q values).
+
+Per iteration (lines 1-14):
+- draw `tasks_per_iteration` training tasks; on each, roll out the meta-policy pi_phi (line 3)
+  and estimate its constrained cost J_c;
+- a task within d + delta (line 4) is adapted by the sampled A^s (Alg. 3, line 5), the adapted
+  policy is rolled out (line 6) and contributes the meta-gradient of line 7,
+      (1/N) sum_{n,t} gamma^t [grad f_phi(s_t, a_t) - E_{a~pi^tau}[grad f_phi(s_t, a)]] (Q^tau_t - b_t),
+  at the adapted policy's samples, f_phi = log pi_phi. Centring the score (the expectation is
+  -grad KL(pi^tau || pi_phi)(s), analytic for our policies) is what Lemma 3 needs for the
+  estimate to be unbiased with Q (and lets the per-step baseline b_t reduce variance). As in
+  the paper, the eta^-1 grad Qbar term of eq. (6) is dropped (it needs grad_phi Q^{pi_phi} at
+  the adapted policy's samples);
+- a task that violates (lines 10-11) contributes minus the gradient of its most violated J_c.
+The per-task directions combine as in the exact Alg. 2 (`switch`: "any" makes the step a pure
+cost step when any task of the batch violates; "per_task" averages every task's branch), and
+one TRPO step (lines 8/12) follows: Fisher and mean KL of the meta-policy on the batch's own
+samples, and an importance-weighted surrogate of the combined objective for the line search.
+
+All draws are derived from (seed, iteration, task), so a run resumed from its checkpoint of
+iteration n continues bit for bit.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..adaptation.dual_pgd import SampledAdaptationSettings, adapt_sampled, as_vector
+from ..optim import fisher_vector_product, flat_grad, trpo_step
+from ..policies import NeuralPolicy, policy_from_checkpoint
+from ..rollout import Batch, collect, time_baseline
+from ..tasks import Task, TaskDistribution
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How a policy is evaluated on a task: rollouts per policy and the discounts (App. D.2)."""
+
+    rollouts: int = 10
+    gamma: float = 0.99
+    constraint_gamma: float = 1.0
+
+
+@dataclass(frozen=True)
+class SampledMetaTrainSettings:
+    iterations: int = 300
+    tasks_per_iteration: int = 10
+    switch: str = "any"
+    max_kl: float = 1e-3
+    cg_iters: int = 10
+    cg_damping: float = 0.1
+    backtrack_steps: int = 10
+    eval_every: int = 10
+    kl_limit: float = 10.0
+
+
+@dataclass
+class SampledMetaTrainState:
+    iteration: int
+    policy: dict[str, Any]                     # checkpoint dict of the meta-policy
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed determined by the integers given (seed, iteration, task, purpose, ...)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+
+
+def rollout_policy(dist: TaskDistribution, task: Task, policy: NeuralPolicy, sampling: SamplingSettings,
+                   seed: int, device: Any = "cpu") -> Batch:
+    """`sampling.rollouts` episodes of `policy` on `task`, all draws from `seed`."""
+    env = dist.make_env(task, sampling.rollouts, derived_seed(seed, 0), device)
+    generator = torch.Generator(device="cpu").manual_seed(derived_seed(seed, 1))
+    return collect(env, policy, generator, sampling.gamma, sampling.constraint_gamma)
+
+
+# --------------------------------------------------------------------------- per-task directions
+def _samples(batch: Batch):
+    alive = batch.alive
+    return batch.obs[alive], batch.actions[alive], batch.log_prob[alive]
+
+
+def meta_gradient_surrogate(meta: NeuralPolicy, adapted: NeuralPolicy, adapted_batch: Batch) -> Callable[[dict | None], torch.Tensor]:
+    """params -> sum_{n,t} (gamma^t / N) [rho_params(a|s) + KL(pi^tau || pi_params)(s)] (Q^tau - b)(s, a)
+    on the adapted policy's samples, rho = pi_params / pi_phi. Its gradient at phi is Alg. 4
+    line 7 with the centred score (module doc); its value drives the TRPO line search."""
+    obs, actions, _ = _samples(adapted_batch)
+    alive = adapted_batch.alive
+    weight = adapted_batch.discount[alive] / adapted_batch.num_rollouts
+    adv = (adapted_batch.q_reward - time_baseline(adapted_batch.q_reward, alive))[alive]
+    with torch.no_grad():
+        logp_phi = meta.log_prob(obs, actions)
+        tau_dist = adapted.distribution(obs)
+
+    def surrogate(params: dict | None) -> torch.Tensor:
+        ratio = torch.exp(meta.log_prob(obs, actions, params) - logp_phi)
+        return (weight * (ratio + meta.kl(obs, tau_dist, params)) * adv).sum()
+
+    return surrogate
+
+
+def cost_surrogate(meta: NeuralPolicy, batch: Batch, i: int) -> Callable[[dict | None], torch.Tensor]:
+    """params -> -sum (constraint_gamma^t / N) rho_params (C_t - b_t): minus the importance-weighted
+    surrogate of J_ci (Alg. 4 line 11); its gradient at phi is -grad J_ci."""
+    obs, actions, logp_phi = _samples(batch)
+    alive = batch.alive
+    weight = batch.constraint_discount[alive] / batch.num_rollouts
+    adv = (batch.cost_to_go[..., i] - time_baseline(batch.cost_to_go[..., i], alive))[alive]
+
+    def surrogate(params: dict | None) -> torch.Tensor:
+        return -(weight * torch.exp(meta.log_prob(obs, actions, params) - logp_phi) * adv).sum()
+
+    return surrogate
+
+
+# --------------------------------------------------------------------------- Alg. 4
+def meta_train_sampled(dist: TaskDistribution, train: list[Task], evaluation: list[Task], state: SampledMetaTrainState,
+                       settings: SampledMetaTrainSettings, adaptation: SampledAdaptationSettings,
+                       sampling: SamplingSettings, seed: int, device: Any = "cpu",
+                       on_iteration: Callable[[SampledMetaTrainState], None] | None = None) -> SampledMetaTrainState:
+    """Run Alg. 4 from `state` until `settings.iterations`; records as in the exact version."""
+    meta = policy_from_checkpoint(state.policy).to(device)
+    limits = [np.asarray(t.params["d"], dtype=np.float64) for t in train]
+    for n in range(state.iteration, settings.iterations + 1):
+        record: dict[str, Any] = {"iteration": n}
+        t_sampling = 0.0
+        start = time.perf_counter()
+        if n % settings.eval_every == 0 or n == settings.iterations:
+            evaluation_record, t_eval = evaluate_one_step(dist, evaluation, meta, adaptation, sampling,
+                                                          derived_seed(seed, n, 7), device)
+            record.update(evaluation_record)
+            t_sampling += t_eval
+        if n == settings.iterations:
+            record["time_sampling"], record["time_compute"] = t_sampling, time.perf_counter() - start - t_sampling
+            state.records.append(record)
+            state.iteration = n + 1
+            break
+
+        rng = np.random.default_rng(derived_seed(seed, n, 3))
+        batch_ids = rng.choice(len(train), size=settings.tasks_per_iteration,
+                               replace=settings.tasks_per_iteration > len(train))
+        entries = []  # (branch, surrogate, meta batch)
+        batch_stats: dict[str, list] = {k: [] for k in ("reward", "cost", "meta_reward", "meta_cost", "u", "kl")}
+        for j, k in enumerate(batch_ids):
+            task_seed = derived_seed(seed, n, 5, j)
+            meta_batch = rollout_policy(dist, train[k], meta, sampling, derived_seed(task_seed, 0), device)
+            t_sampling += meta_batch.sampling_time
+            J_c = meta_batch.constraint_value.double().cpu().numpy()
+            batch_stats["meta_reward"].append(float(meta_batch.episode_reward.mean()))
+            batch_stats["meta_cost"].append(J_c)
+            violation = J_c - limits[k] - as_vector(adaptation.delta, len(J_c), "delta")
+            if (violation <= 0).all():                                                     # line 4
+                res = adapt_sampled(meta, meta_batch, limits[k], adaptation)                 # line 5
+                _check(n, "adaptation KL", res.kl, settings.kl_limit, k)
+                adapted_batch = rollout_policy(dist, train[k], res.policy, sampling, derived_seed(task_seed, 1), device)
+                t_sampling += adapted_batch.sampling_time                                   # line 6
+                entries.append(("meta", meta_gradient_surrogate(meta, res.policy, adapted_batch), meta_batch))
+                batch_stats["reward"].append(float(adapted_batch.episode_reward.mean()))
+                batch_stats["cost"].append(adapted_batch.constraint_value.double().cpu().numpy())
+                batch_stats["u"].append(res.u)
+                batch_stats["kl"].append(res.kl)
+            else:
+                entries.append(("cost", cost_surrogate(meta, meta_batch, int(np.argmax(violation))), meta_batch))  # 10-11
+        n_violating = sum(e[0] == "cost" for e in entries)
+        if settings.switch == "any" and n_violating:
+            entries = [e for e in entries if e[0] == "cost"]
+        step, grad_norm = _trpo_meta_step(meta, entries, settings, n)
+        record.update(_batch_record(batch_stats), n_violating=n_violating, step_accepted=step.accepted,
+                      step_kl=step.kl, step_improvement=step.improvement, grad_norm=grad_norm)
+        record["time_sampling"], record["time_compute"] = t_sampling, time.perf_counter() - start - t_sampling
+        state.records.append(record)
+        state.iteration, state.policy = n + 1, meta.to_checkpoint()
+        if on_iteration is not None:
+            on_iteration(state)
+    state.policy = meta.to_checkpoint()
+    return state
+
+
+def _trpo_meta_step(meta: NeuralPolicy, entries: list, settings: SampledMetaTrainSettings, n: int):
+    """One TRPO step on the mean of the entries' surrogates (lines 8 / 12)."""
+    params = list(meta.parameters())
+    objective_at = lambda prm: sum(e[1](prm) for e in entries) / len(entries)  # noqa: E731
+    grad = flat_grad(objective_at(None), params)
+    if not torch.isfinite(grad).all():
+        raise FloatingPointError(f"meta-training iteration {n}: the meta-gradient has non-finite entries")
+    states = [_samples(e[2])[0] for e in entries]
+    weights = [e[2].visitation()[e[2].alive] / len(entries) for e in entries]
+    obs, w = torch.cat(states), torch.cat(weights)
+    with torch.no_grad():
+        reference = meta.distribution(obs)
+    phi = meta.flat()
+
+    def objective(flat: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(objective_at(meta.unflatten(flat)))
+
+    def kl(flat: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float((w * meta.kl(obs, reference, meta.unflatten(flat))).sum())
+
+    step = trpo_step(phi, grad.detach(), fisher_vector_product(meta, obs, w), objective, kl, settings.max_kl,
+                     cg_iters=settings.cg_iters, damping=settings.cg_damping, backtrack_steps=settings.backtrack_steps)
+    meta.load_flat(step.params)
+    return step, float(grad.norm())
+
+
+def _check(n: int, name: str, value: float, limit: float, task: int) -> None:
+    if not math.isfinite(value):
+        raise FloatingPointError(f"meta-training iteration {n}: {name} is {value} on training task {task}")
+    if value > limit:
+        raise FloatingPointError(f"meta-training iteration {n}: {name} {value:.3g} exceeds kl_limit {limit:g} "
+                                 f"on training task {task} (raise lam / lam_c or lower the step)")
+
+
+def _batch_record(stats: dict[str, list]) -> dict[str, Any]:
+    """Statistics of the training tasks of one iteration (adapted ones for reward, cost, u, KL)."""
+    nan_p = np.full(len(stats["meta_cost"][0]), np.nan)
+    return {
+        "batch_reward": float(np.mean(stats["reward"])) if stats["reward"] else np.nan,
+        "batch_cost": np.max(stats["cost"], axis=0) if stats["cost"] else nan_p,
+        "batch_meta_reward": float(np.mean(stats["meta_reward"])),
+        "batch_meta_cost": np.max(stats["meta_cost"], axis=0),
+        "batch_u": np.mean(stats["u"], axis=0) if stats["u"] else nan_p,
+        "batch_adapt_kl": float(np.mean(stats["kl"])) if stats["kl"] else np.nan,
+    }
+
+
+def evaluate_one_step(dist: TaskDistribution, tasks: list[Task], meta: NeuralPolicy, adaptation: SampledAdaptationSettings,
+                      sampling: SamplingSettings, seed: int, device: Any = "cpu") -> tuple[dict[str, np.ndarray], float]:
+    """Meta-policy and one-step adapted policy on each evaluation task (Fig. 1 columns 1-2)."""
+    out: dict[str, list] = {k: [] for k in ("meta_reward", "meta_cost", "reward", "cost", "u", "adapt_kl", "feasible")}
+    t_sampling = 0.0
+    for j, task in enumerate(tasks):
+        d = np.asarray(task.params["d"], dtype=np.float64)
+        meta_batch = rollout_policy(dist, task, meta, sampling, derived_seed(seed, j, 0), device)
+        res = adapt_sampled(meta, meta_batch, d, adaptation)
+        adapted_batch = rollout_policy(dist, task, res.policy, sampling, derived_seed(seed, j, 1), device)
+        t_sampling += meta_batch.sampling_time + adapted_batch.sampling_time
+        out["meta_reward"].append(float(meta_batch.episode_reward.mean()))
+        out["meta_cost"].append(meta_batch.constraint_value.double().cpu().numpy())
+        out["reward"].append(float(adapted_batch.episode_reward.mean()))
+        out["cost"].append(adapted_batch.constraint_value.double().cpu().numpy())
+        out["u"].append(res.u)
+        out["adapt_kl"].append(res.kl)
+        out["feasible"].append(res.feasible)
+    return {k: np.asarray(v) for k, v in out.items()}, t_sampling
+
+
+def initial_sampled_state(dist: TaskDistribution, task: Task, policy_options: dict[str, Any], seed: int) -> SampledMetaTrainState:
+    """A freshly initialised meta-policy (weights from a generator of `seed`) for the task's spaces."""
+    from ..policies import policy_for
+
+    env = dist.make_env(task, 1, derived_seed(seed, 10), "cpu")
+    with torch.random.fork_rng():
+        torch.manual_seed(derived_seed(seed, 11))
+        policy = policy_for(env.observation_space, env.action_space, tuple(policy_options.get("hidden", (64, 64))),
+                            policy_options.get("init_log_std", -0.5))
+    return SampledMetaTrainState(0, policy.to_checkpoint())

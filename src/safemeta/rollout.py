@@ -1,0 +1,135 @@
+"""Batched on-policy sampling and the Monte-Carlo quantities the algorithms use (App. E.1).
+
+`collect` runs one policy on all copies of a task's BatchEnv for one horizon; the policy is
+evaluated once per step for the whole batch. A `Batch` is time-major ([T, N, ...]) and holds:
+- Q estimates as discounted returns-to-go, Q(s_t, a_t) ~ sum_{k>=t} gamma^{k-t} r_k (no value
+  network, as App. E.1; truncated at the horizon);
+- the constrained cost J_c = mean over rollouts of sum_t constraint_gamma^t c_t (with
+  constraint_gamma = 1, the undiscounted episode cost that is reported and compared with d) and
+  its cost-to-go;
+- visitation weights gamma^t (the paper's discounted nu), zero after an episode terminates;
+- undiscounted episode reward and cost (the reported metrics).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .policies import NeuralPolicy
+
+
+def returns_to_go(signal: torch.Tensor, alive: torch.Tensor, gamma: float) -> torch.Tensor:
+    """sum_{k>=t} gamma^{k-t} x_k over alive steps; signal [T, N, ...], alive [T, N]."""
+    mask = alive.reshape(*alive.shape, *[1] * (signal.ndim - alive.ndim)).to(signal.dtype)
+    out = torch.zeros_like(signal)
+    running = torch.zeros_like(signal[0])
+    for t in range(signal.shape[0] - 1, -1, -1):
+        running = signal[t] * mask[t] + gamma * running * mask[t]
+        out[t] = running
+    return out
+
+
+def time_baseline(values: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    """Mean over alive rollouts at each step t (an action-independent baseline), broadcast back."""
+    mask = alive.reshape(*alive.shape, *[1] * (values.ndim - alive.ndim)).to(values.dtype)
+    mean = (values * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp_min(1.0)
+    return mean.expand_as(values) * mask
+
+
+@dataclass
+class Batch:
+    obs: torch.Tensor          # [T, N, obs_dim]
+    actions: torch.Tensor      # [T, N, act_dim] or [T, N]
+    log_prob: torch.Tensor     # [T, N] behaviour log-probabilities (detached)
+    reward: torch.Tensor       # [T, N]
+    cost: torch.Tensor         # [T, N, p]
+    alive: torch.Tensor        # [T, N] bool: the step was taken before termination
+    gamma: float
+    constraint_gamma: float
+    sampling_time: float = 0.0
+    derived: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_rollouts(self) -> int:
+        return self.reward.shape[1]
+
+    def _cached(self, key: str, make):
+        if key not in self.derived:
+            self.derived[key] = make()
+        return self.derived[key]
+
+    @property
+    def discount(self) -> torch.Tensor:
+        """gamma^t on alive steps: unnormalised discounted visitation weights [T, N]."""
+        return self._cached("discount", lambda: (self.gamma ** torch.arange(self.reward.shape[0], dtype=self.reward.dtype,
+                                                                            device=self.reward.device))[:, None] * self.alive)
+
+    @property
+    def constraint_discount(self) -> torch.Tensor:
+        return self._cached("constraint_discount", lambda: (self.constraint_gamma ** torch.arange(
+            self.reward.shape[0], dtype=self.reward.dtype, device=self.reward.device))[:, None] * self.alive)
+
+    @property
+    def q_reward(self) -> torch.Tensor:
+        return self._cached("q_reward", lambda: returns_to_go(self.reward, self.alive, self.gamma))
+
+    @property
+    def q_cost(self) -> torch.Tensor:
+        return self._cached("q_cost", lambda: returns_to_go(self.cost, self.alive, self.gamma))
+
+    @property
+    def cost_to_go(self) -> torch.Tensor:
+        """Returns-to-go of the constrained cost (constraint_gamma), [T, N, p]."""
+        return self._cached("cost_to_go", lambda: returns_to_go(self.cost, self.alive, self.constraint_gamma))
+
+    @property
+    def episode_reward(self) -> torch.Tensor:
+        return (self.reward * self.alive).sum(0)
+
+    @property
+    def episode_cost(self) -> torch.Tensor:
+        return (self.cost * self.alive[..., None]).sum(0)
+
+    @property
+    def constraint_value(self) -> torch.Tensor:
+        """Estimate of the constrained J_c [p]: mean of sum_t constraint_gamma^t c_t."""
+        return (self.cost * self.constraint_discount[..., None]).sum(0).mean(0)
+
+    @property
+    def constraint_value_se(self) -> torch.Tensor:
+        """Standard error over rollouts of `constraint_value` [p] (0 with a single rollout)."""
+        per_rollout = (self.cost * self.constraint_discount[..., None]).sum(0)
+        n = per_rollout.shape[0]
+        return per_rollout.std(0, unbiased=True) / n ** 0.5 if n > 1 else torch.zeros_like(per_rollout[0])
+
+    def visitation(self) -> torch.Tensor:
+        """Normalised discounted visitation weights [T, N] (sum to 1): E_nu[x] ~ (w * x).sum()."""
+        w = self.discount
+        return w / w.sum()
+
+
+def collect(env, policy: NeuralPolicy, generator: torch.Generator, gamma: float,
+            constraint_gamma: float = 1.0) -> Batch:
+    """One horizon of `policy` on every copy of `env` (reset first)."""
+    start = time.perf_counter()
+    obs = env.reset()
+    N = env.num_envs
+    alive = torch.ones(N, dtype=torch.bool, device=obs.device)
+    rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("obs", "actions", "log_prob", "reward", "cost", "alive")}
+    for _ in range(env.horizon):
+        actions, log_prob = policy.sample(obs, generator)
+        step = env.step(actions)
+        for key, value in (("obs", obs), ("actions", actions), ("log_prob", log_prob), ("reward", step.reward),
+                           ("cost", step.cost), ("alive", alive.clone())):
+            rows[key].append(value)
+        alive = alive & ~step.terminated
+        obs = step.obs
+        if not alive.any() or bool(step.truncated.all()):
+            break
+    stacked = {k: torch.stack(v) for k, v in rows.items()}
+    for key in ("reward", "cost"):
+        stacked[key] = stacked[key].to(stacked["obs"].dtype)
+    return Batch(**stacked, gamma=float(gamma), constraint_gamma=float(constraint_gamma),
+                 sampling_time=time.perf_counter() - start)

@@ -1,0 +1,97 @@
+"""Neural policies (log-probabilities, KL, functional use, checkpoints) and batched rollouts."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from safemeta.policies import CategoricalMLPPolicy, GaussianMLPPolicy, policy_for, policy_from_checkpoint
+from safemeta.rollout import Batch, collect, returns_to_go, time_baseline
+from safemeta.tasks import get_distribution
+
+
+def test_gaussian_log_prob_and_kl_follow_their_formulas():
+    torch.manual_seed(0)
+    pol = GaussianMLPPolicy(3, 2)
+    obs, act = torch.randn(5, 3), torch.randn(5, 2)
+    mean, log_std = pol.mean(obs), pol.log_std
+    by_hand = (-0.5 * ((act - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+    torch.testing.assert_close(pol.log_prob(obs, act), by_hand)
+    other = pol.unflatten(pol.flat() + 0.1)
+    p, q = pol.distribution(obs), pol.distribution(obs, other)
+    mp, sp, mq, sq = p.base_dist.loc, p.base_dist.scale, q.base_dist.loc, q.base_dist.scale
+    kl_by_hand = (torch.log(sq / sp) + (sp ** 2 + (mp - mq) ** 2) / (2 * sq ** 2) - 0.5).sum(-1)
+    torch.testing.assert_close(pol.kl(obs, p, other), kl_by_hand)
+
+
+def test_functional_parameters_match_loaded_parameters_and_checkpoints_round_trip():
+    torch.manual_seed(1)
+    pol = GaussianMLPPolicy(4, 2, (8, 8))
+    obs, act = torch.randn(6, 4), torch.randn(6, 2)
+    shifted = pol.flat() * 0.9 + 0.01
+    functional = pol.log_prob(obs, act, pol.unflatten(shifted))
+    pol.load_flat(shifted)
+    torch.testing.assert_close(pol.log_prob(obs, act), functional)
+    again = policy_from_checkpoint(pol.to_checkpoint())
+    torch.testing.assert_close(again.log_prob(obs, act), functional)
+    assert again.config == pol.config
+
+
+def test_categorical_without_hidden_layers_is_a_tabular_softmax():
+    pol = CategoricalMLPPolicy(4, 3, ())
+    table = torch.randn(4, 3)
+    with torch.no_grad():
+        pol.logits[0].weight.copy_(table.T)
+    torch.testing.assert_close(pol.distribution(torch.eye(4)).probs, torch.softmax(table, -1))
+    gen = torch.Generator().manual_seed(0)
+    actions, logp = pol.sample(torch.eye(4)[[0] * 20000], gen)
+    freq = torch.bincount(actions, minlength=3) / 20000
+    assert torch.allclose(freq, torch.softmax(table[0], -1), atol=0.015)
+
+
+def test_policy_for_picks_the_policy_of_the_action_space():
+    from gymnasium import spaces
+
+    box = spaces.Box(-1, 1, (3,))
+    assert isinstance(policy_for(spaces.Box(-1, 1, (5,)), box), GaussianMLPPolicy)
+    assert isinstance(policy_for(spaces.Box(0, 1, (5,)), spaces.Discrete(4)), CategoricalMLPPolicy)
+
+
+def test_returns_to_go_and_baseline_respect_termination():
+    reward = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
+    alive = torch.tensor([[True, True], [True, False], [True, False]])
+    q = returns_to_go(reward, alive, 0.5)
+    torch.testing.assert_close(q[:, 0], torch.tensor([1 + 0.5 * 2 + 0.25 * 3, 2 + 0.5 * 3, 3.0]))
+    torch.testing.assert_close(q[:, 1], torch.tensor([1.0, 0.0, 0.0]))
+    b = time_baseline(q, alive)
+    torch.testing.assert_close(b[0], torch.full((2,), (q[0, 0] + q[0, 1]) / 2))
+    torch.testing.assert_close(b[1], torch.tensor([q[1, 0], 0.0]))
+
+
+def test_collect_runs_the_whole_batch_and_sums_episodes():
+    dist = get_distribution("cartpole_pos", horizon=60)
+    task = dist.sample(1, 0)[0]
+    env = dist.make_env(task, 16, seed=3)
+    torch.manual_seed(0)
+    pol = policy_for(env.observation_space, env.action_space)
+    batch = collect(env, pol, torch.Generator().manual_seed(0), gamma=0.9, constraint_gamma=1.0)
+    T, N = batch.reward.shape
+    assert N == 16 and T <= 60 and batch.cost.shape == (T, 16, 1)
+    assert not batch.alive.all()  # cart-pole episodes terminate; later steps are masked
+    torch.testing.assert_close(batch.episode_reward, (batch.reward * batch.alive).sum(0))
+    torch.testing.assert_close(batch.constraint_value, batch.episode_cost.mean(0))   # constraint_gamma = 1
+    torch.testing.assert_close(batch.visitation().sum(), torch.tensor(1.0))
+    assert isinstance(batch, Batch)
+
+
+def test_same_seed_same_rollouts():
+    dist = get_distribution("point_circle", horizon=40)
+    task = dist.sample(1, 0)[0]
+    pol = policy_for(dist.make_env(task, 1, 0).observation_space, dist.make_env(task, 1, 0).action_space)
+    a = collect(dist.make_env(task, 4, 7), pol, torch.Generator().manual_seed(1), 0.99)
+    b = collect(dist.make_env(task, 4, 7), pol, torch.Generator().manual_seed(1), 0.99)
+    c = collect(dist.make_env(task, 4, 8), pol, torch.Generator().manual_seed(1), 0.99)
+    torch.testing.assert_close(a.obs, b.obs)
+    torch.testing.assert_close(a.reward, b.reward)
+    assert not np.allclose(a.obs.numpy(), c.obs.numpy())

@@ -1,0 +1,122 @@
+"""Alg. 4 on a small continuous task: TRPO step, learning, anytime safety, determinism, resume."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from safemeta.adaptation.dual_pgd import SampledAdaptationSettings
+from safemeta.evaluate import meta_test_sampled
+from safemeta.meta.safe_meta import (SampledMetaTrainSettings, SamplingSettings, initial_sampled_state,
+                                     meta_train_sampled, rollout_policy)
+from safemeta.optim import fisher_vector_product, flat_grad, trpo_step
+from safemeta.policies import policy_from_checkpoint
+from safemeta.tasks import get_distribution
+
+LIMIT = 30.0
+ADAPT = SampledAdaptationSettings(lam=0.5, lam_c=0.5)
+TRAIN = SampledMetaTrainSettings(iterations=10, tasks_per_iteration=3, max_kl=0.02, cg_damping=0.1, eval_every=10)
+SAMPLING = SamplingSettings(rollouts=16)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    dist = get_distribution("point_circle_diff", horizon=100, cost_limit=LIMIT)
+    return dist, dist.sample(8, (0, 0)), dist.sample(3, (0, 1))
+
+
+def _train(problem, iterations=TRAIN.iterations, state=None, hook=None, seed=0):
+    dist, train, test = problem
+    settings = SampledMetaTrainSettings(**{**TRAIN.__dict__, "iterations": iterations})
+    state = state or initial_sampled_state(dist, train[0], {}, seed)
+    return meta_train_sampled(dist, train, test, state, settings, ADAPT, SAMPLING, seed=seed, on_iteration=hook)
+
+
+@pytest.fixture(scope="module")
+def trained(problem):
+    return _train(problem)
+
+
+def test_trpo_step_on_a_fixed_batch_keeps_the_kl_bound_and_improves_the_surrogate(problem):
+    dist, train, _ = problem
+    policy = policy_from_checkpoint(initial_sampled_state(dist, train[0], {}, 0).policy)
+    batch = rollout_policy(dist, train[0], policy, SAMPLING, seed=3)
+    alive = batch.alive
+    obs, actions, old = batch.obs[alive], batch.actions[alive], batch.log_prob[alive]
+    adv = (batch.q_reward - batch.q_reward.mean(1, keepdim=True))[alive]
+    w = batch.visitation()[alive]
+
+    def surrogate(params=None):
+        return (w * torch.exp(policy.log_prob(obs, actions, params) - old) * adv).sum()
+
+    grad = flat_grad(surrogate(), list(policy.parameters()))
+    with torch.no_grad():
+        reference = policy.distribution(obs)
+    phi = policy.flat()
+    kl = lambda flat: float((w * policy.kl(obs, reference, policy.unflatten(flat))).sum())  # noqa: E731
+    objective = lambda flat: float(surrogate(policy.unflatten(flat)))  # noqa: E731
+    step = trpo_step(phi, grad, fisher_vector_product(policy, obs, w), objective, kl, 1e-3, damping=0.1)
+    assert step.accepted and 0 < step.kl <= 1e-3
+    assert objective(step.params) > objective(phi)
+
+
+def test_meta_training_raises_the_one_step_adapted_reward(trained):
+    first, last = trained.records[0], trained.records[-1]
+    print("evaluation reward of the one-step adapted policy:", first["reward"].round(2), "->", last["reward"].round(2))
+    assert last["reward"].mean() > first["reward"].mean() + 1.0   # measured: 1.17 -> 3.89
+    steps = [r for r in trained.records[:-1]]
+    assert all(r["step_accepted"] for r in steps) and max(r["step_kl"] for r in steps) <= TRAIN.max_kl
+    assert any(r["n_violating"] > 0 for r in steps)               # the CRPO switch acted
+
+
+def test_meta_test_is_anytime_safe_within_sampling_error(problem, trained):
+    """From a meta-policy that is safe on every test task, every adapted policy's cost stays within
+    d + 4 standard errors of its estimate (each step aims at d with an estimate of the same noise,
+    so realised costs scatter around d by about sqrt(2) SE); without the constraint (delta = 1000)
+    the same sequence overshoots that tolerance."""
+    dist, _, test = problem
+    policy = policy_from_checkpoint(trained.policy)
+    arrays = meta_test_sampled(dist, test, policy, 4, ADAPT, SamplingSettings(rollouts=32), seed=5)
+    cost, se = arrays["cost"][..., 0], arrays["cost_se"][..., 0]
+    assert (cost[:, 0] < LIMIT).all(), "the meta-policy should start safe on every test task"
+    z = (cost - LIMIT) / se
+    print("(cost - d) / SE per task and step:\n", z.round(2))
+    assert (z <= 4).all()
+    assert (arrays["reward"][:, -1] > arrays["reward"][:, 0]).all()
+    unconstrained = meta_test_sampled(dist, test, policy, 4, ADAPT, SamplingSettings(rollouts=32), seed=5, delta=1000.0)
+    assert ((unconstrained["cost"][..., 0] - LIMIT) / unconstrained["cost_se"][..., 0]).max() > 4
+
+
+def test_same_seed_same_trace_and_resume_is_bit_identical(problem):
+    full = _train(problem, iterations=3)
+    again = _train(problem, iterations=3)
+    for a, b in zip(full.records, again.records):
+        for key in a:
+            if not key.startswith("time"):
+                np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    for name, value in full.policy["state_dict"].items():
+        torch.testing.assert_close(value, again.policy["state_dict"][name], rtol=0, atol=0)
+
+    saved = {}
+
+    def dies_after_two(state):
+        saved["state"] = copy.deepcopy(state)
+        if state.iteration == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(problem, iterations=3, hook=dies_after_two)
+    resumed = _train(problem, iterations=3, state=saved["state"])
+    for name, value in full.policy["state_dict"].items():
+        torch.testing.assert_close(value, resumed.policy["state_dict"][name], rtol=0, atol=0)
+    np.testing.assert_array_equal(resumed.records[-1]["reward"], full.records[-1]["reward"])
+
+
+def test_an_exploding_adaptation_stops_the_run_naming_iteration_and_quantity(problem):
+    dist, train, test = problem
+    settings = SampledMetaTrainSettings(iterations=2, tasks_per_iteration=3, eval_every=10, kl_limit=1e-9)
+    with pytest.raises(FloatingPointError, match=r"iteration 0: adaptation KL .* exceeds kl_limit"):
+        meta_train_sampled(dist, train, test, initial_sampled_state(dist, train[0], {}, 0), settings,
+                           SampledAdaptationSettings(lam=0.5, lam_c=0.5, delta=1e6), SAMPLING, seed=0)
