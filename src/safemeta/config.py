@@ -18,6 +18,7 @@ from jsonschema.exceptions import ValidationError, best_match
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 ALGORITHMS = ("safemeta",)
+LEARNERS: tuple[str, ...] = ()  # single-task learners (CVPO, CGPO) register here when implemented
 
 
 class ConfigError(ValueError):
@@ -76,6 +77,11 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
         if meth["algorithm"] not in ALGORITHMS:
             raise ConfigError(f"config key 'methods.{key}': unknown algorithm {meth['algorithm']!r}; "
                               f"name one of {', '.join(ALGORITHMS)} in 'algorithm'")
+    for key, learner in resolved["learners"].items():
+        learner.setdefault("algorithm", key)
+        if learner["algorithm"] not in LEARNERS:
+            raise ConfigError(f"config key 'learners.{key}': unknown learner {learner['algorithm']!r} "
+                              f"(implemented: {', '.join(LEARNERS) or 'none yet'})")
     return resolved
 
 
@@ -110,12 +116,17 @@ def select(config: dict[str, Any], section: str, key: str) -> dict[str, Any]:
 def stage_config(config: dict[str, Any], stage: str, scenario: str, method: str | None = None) -> dict[str, Any]:
     """The part of a resolved config that one stage reads (a valid config by itself).
 
+    `method` names the method, or for stage "single_task" the learner.
+
     Snakemake rules pass exactly this as `params` (canonical JSON), so a config edit reruns only
     the stages whose part changed.
     """
     part: dict[str, Any] = {"scenarios": {scenario: select(config, "scenarios", scenario)}}
     if stage == "tasks":
         part["scenarios"][scenario] = {k: v for k, v in part["scenarios"][scenario].items() if k != "adaptation"}
+        return part
+    if stage == "single_task":
+        part.update(learners={method: select(config, "learners", method)}, device=config["device"])
         return part
     part["methods"] = {method: select(config, "methods", method)}
     if stage == "meta_train":
@@ -133,3 +144,19 @@ def canonical_json(obj: Any) -> str:
 
 def config_hash(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:16]
+
+
+def effective(config: dict[str, Any], section: str, scenario: str) -> dict[str, Any]:
+    """A top-level section (metatrain, metatest) with the scenario's overrides applied."""
+    return {**config[section], **select(config, "scenarios", scenario).get(section, {})}
+
+
+def settings_from(cls: type, *mappings: dict[str, Any], **extra: Any):
+    """Instantiate a settings dataclass from config mappings (later ones win), taking the fields it has."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for mapping in (*mappings, extra):
+        values.update({k: v for k, v in mapping.items() if k in names})
+    return cls(**values)

@@ -4,9 +4,11 @@ Meta-training trace (`metatrain/.../trace.nc`): dims iteration, task (evaluation
 constraint. Meta-test trace (`metatest/.../trace.nc`): dims task, step (k = 0 is the
 meta-policy), constraint. Variables carry `long_name` and `units`; datasets carry provenance
 attributes (config, seed, version, code hash). Files are written atomically.
+Summary (`summary.nc`): every trace of a pipeline merged by `aggregate_traces`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,12 @@ METATRAIN_VARS: dict[str, tuple[tuple[str, ...], str, str]] = {
     "u": (("task", "constraint"), "multipliers of the one-step adaptation", "1"),
     "adapt_kl": (("task",), "E_nu KL(A^s(pi_phi) || pi_phi) of the one-step adaptation", "nats"),
     "feasible": (("task",), "problem (1) of the one-step adaptation was feasible", "1"),
+    "batch_reward": ((), "mean reward of the adapted policies on the iteration's training tasks", "return"),
+    "batch_cost": (("constraint",), "max cost of the adapted policies on the iteration's training tasks", "cost"),
+    "batch_meta_reward": ((), "mean reward of the meta-policy on the iteration's training tasks", "return"),
+    "batch_meta_cost": (("constraint",), "max cost of the meta-policy on the iteration's training tasks", "cost"),
+    "batch_u": (("constraint",), "mean multipliers of the iteration's adaptations", "1"),
+    "batch_adapt_kl": ((), "mean E_nu KL(adapted || meta) of the iteration's adaptations", "nats"),
     "n_violating": ((), "training tasks of the batch that took the cost-reduction step", "1"),
     "step_accepted": ((), "the TRPO line search accepted a step", "1"),
     "step_kl": ((), "mean KL of the accepted meta-step", "nats"),
@@ -37,10 +45,12 @@ METATRAIN_VARS: dict[str, tuple[tuple[str, ...], str, str]] = {
 METATEST_VARS: dict[str, tuple[tuple[str, ...], str, str]] = {
     "reward": (("step",), "reward of the exploration policy pi_[k]", "return"),
     "cost": (("step", "constraint"), "cost of the exploration policy pi_[k]", "cost"),
+    "cost_se": (("step", "constraint"), "standard error of cost over the rollouts (0: exact)", "cost"),
     "u": (("step", "constraint"), "multipliers of the adaptation that produced pi_[k] (NaN at k=0)", "1"),
     "kl": (("step",), "E_nu KL(pi_[k] || pi_[k-1]) (NaN at k=0)", "nats"),
     "feasible": (("step",), "problem (1) of the step was feasible", "1"),
-    "time": (("step",), "wall time of the step", "s"),
+    "time": (("step",), "computation time of the adaptation that produced pi_[k] (0 at k=0)", "s"),
+    "time_sampling": (("step",), "time spent evaluating pi_[k] (rollouts, or exact solves on tabular)", "s"),
 }
 
 TIMING_VARS = ("time", "time_sampling", "time_compute")
@@ -108,3 +118,102 @@ def without_timing(ds: xr.Dataset) -> xr.Dataset:
     out = ds.drop_vars([v for v in TIMING_VARS if v in ds])
     out.attrs = {k: v for k, v in ds.attrs.items() if k != "created"}
     return out
+
+
+# --------------------------------------------------------------------------- aggregation (summary.nc)
+STAGE_PREFIX = {"meta_train": "metatrain_", "meta_test": "metatest_"}
+LABEL_DIMS = ("scenario", "method", "seed")
+
+
+def _labels(ds: xr.Dataset, path: str) -> tuple[str, str, str, int]:
+    """(stage, scenario, method, seed) from a trace's provenance attributes."""
+    try:
+        labels = str(ds.attrs["stage"]), str(ds.attrs["scenario"]), str(ds.attrs["method"]), int(ds.attrs["seed"])
+    except KeyError as exc:
+        raise ValueError(f"trace {path} lacks the provenance attribute {exc.args[0]!r}") from None
+    if labels[0] not in STAGE_PREFIX:
+        raise ValueError(f"trace {path} has stage {labels[0]!r}; aggregate takes {', '.join(STAGE_PREFIX)}")
+    return labels
+
+
+def _source(path: str, ds: xr.Dataset, stage: str, scenario: str, method: str, seed: int) -> dict[str, Any]:
+    """Provenance of one merged trace (its config as a hash: the trace file holds it in full)."""
+    return {"file": path, "stage": stage, "scenario": scenario, "method": method, "seed": seed,
+            "code_hash": ds.attrs.get("code_hash"), "safemeta_version": ds.attrs.get("safemeta_version"),
+            "return_kind": ds.attrs.get("return_kind"),
+            "config_sha256": hashlib.sha256(str(ds.attrs.get("config")).encode()).hexdigest()[:16]}
+
+
+def _labelled(ds: xr.Dataset, stage: str, scenario: str, method: str, seed: int) -> xr.Dataset:
+    """A trace's variables, prefixed by stage, with scenario/method/seed dims of length one."""
+    data = ds.drop_vars(["limit", "task_params"])
+    data = data.rename({name: STAGE_PREFIX[stage] + name for name in data.data_vars})
+    for var in data.data_vars.values():
+        var.attrs["long_name"] = f"{stage.replace('_', '-')}: {var.attrs.get('long_name', var.name)}"
+    data.attrs = {}
+    return data.expand_dims(scenario=[scenario], method=[method], seed=[seed])
+
+
+def _task_params_table(entries: dict[tuple[str, int], np.ndarray], scenarios: list[str], seeds: list[int],
+                       n_task: int) -> np.ndarray:
+    table = np.full((len(scenarios), len(seeds), n_task), "", dtype=object)
+    for (scenario, seed), params in entries.items():
+        table[scenarios.index(scenario), seeds.index(seed), :len(params)] = params
+    return table.astype(str)
+
+
+def aggregate_traces(paths: list[str | Path]) -> xr.Dataset:
+    """Merge meta-train and meta-test traces into one dataset (the pipeline's summary.nc).
+
+    Dims: scenario, method, seed (labels read from each trace's provenance attributes), then
+    iteration (meta-train variables, prefixed `metatrain_`), step (meta-test, `metatest_`), task
+    and constraint. `limit` (d) has dims (scenario, seed, task, constraint); the coordinate
+    `task_params` holds each task's parameters as JSON. Scenarios may differ in their numbers of
+    tasks, iterations, steps and constraints: the merge is an outer join and pads with NaN (and
+    "" in `task_params`); the `padding` attribute says which sizes each scenario really has.
+    Raises ValueError for two traces with the same labels, or traces of one scenario and seed
+    whose limits differ on the tasks they share (made from different task files; a meta-train
+    trace may evaluate only the first test tasks).
+    """
+    if not paths:
+        raise ValueError("no traces to aggregate")
+    parts, sources = [], {}
+    limits: dict[tuple[str, int], tuple[str, xr.DataArray]] = {}
+    task_params: dict[tuple[str, int], np.ndarray] = {}
+    sizes: dict[str, dict[str, int]] = {}
+    for path in map(str, paths):
+        ds = read_dataset(path)
+        labels = stage, scenario, method, seed = _labels(ds, path)
+        if labels in sources:
+            raise ValueError(f"two {stage} traces for scenario {scenario}, method {method}, seed {seed}")
+        sources[labels] = _source(path, ds, *labels)
+        key, limit = (scenario, seed), ds["limit"]
+        if key in limits:  # a meta-train trace may evaluate a prefix of the test tasks: compare the shared ones
+            first_path, first = limits[key]
+            shared_first, shared = xr.align(first.drop_vars("task_params"), limit.drop_vars("task_params"), join="inner")
+            if shared.sizes["task"] == 0 or not np.allclose(shared_first.values, shared.values):
+                raise ValueError(f"traces {first_path} and {path} have different limits d for scenario {scenario}, "
+                                 f"seed {seed}: they were made from different task files")
+        if key not in limits or limit.sizes["task"] > limits[key][1].sizes["task"]:
+            limits[key] = (path, limit)
+            task_params[key] = ds["task_params"].values
+        per_scenario = sizes.setdefault(scenario, {})
+        for dim, n in ds.sizes.items():
+            per_scenario[dim] = max(n, per_scenario.get(dim, 0))
+        parts.append(_labelled(ds, *labels))
+    for (scenario, seed), (_, limit) in limits.items():
+        parts.append(limit.drop_vars("task_params").expand_dims(scenario=[scenario], seed=[seed]).to_dataset())
+    summary = xr.merge(parts, join="outer", compat="no_conflicts", combine_attrs="override")
+    summary = summary.transpose(*LABEL_DIMS, ...)
+    scenarios, seeds = [str(s) for s in summary.scenario.values], [int(s) for s in summary.seed.values]
+    table = _task_params_table(task_params, scenarios, seeds, summary.sizes["task"])
+    summary = summary.assign_coords(task_params=(("scenario", "seed", "task"), table,
+                                                 {"long_name": "task parameters (JSON)"}))
+    padded = any(n < summary.sizes[dim] for per in sizes.values() for dim, n in per.items())
+    summary.attrs = {
+        "padding": ("outer join over scenarios; NaN (\"\" in task_params) where a scenario has fewer entries "
+                    "than the dimension's size. Sizes per scenario: " + json.dumps(sizes, sort_keys=True)),
+        "padded": int(padded),
+        "sources": json.dumps([sources[k] for k in sorted(sources)], sort_keys=True),
+    }
+    return summary

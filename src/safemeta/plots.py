@@ -1,0 +1,149 @@
+"""The paper's figure kinds, drawn from summary.nc (`results.aggregate_traces`).
+
+- `metatrain.png` (Fig. 1 columns 1-2): per scenario (columns), against the meta-iteration, the
+  mean reward over the evaluation tasks (top) and the maximal cost over them (bottom) of the
+  policy adapted one step from the meta-policy.
+- `metatest.png` (Fig. 1 columns 3-4): the same two quantities against the adaptation step k
+  of the meta-test (k = 0 is the meta-policy): anytime safety is the bottom row staying below
+  the dashed limit at every k.
+- `compute_time.png` (Fig. 2): computation time per meta-iteration and per meta-test
+  adaptation step, per scenario and method, normalised by the slowest method of the scenario.
+
+Curves show the mean over seeds with a band of one standard deviation. The cost axis is the
+cost itself with the limit d dashed when a scenario has one constraint with the same d for
+every task; otherwise (per-task limits, as the tabular scenarios draw) it is cost - d, dashed at 0.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import xarray as xr  # noqa: E402
+
+from .atomic import atomic_path  # noqa: E402
+
+FIGURES = ("metatrain", "metatest", "compute_time")
+
+
+def _colors(methods: list[str]) -> dict[str, str]:
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {m: cycle[i % len(cycle)] for i, m in enumerate(methods)}
+
+
+def worst_cost(cost: xr.DataArray, limit: xr.DataArray) -> tuple[xr.DataArray, float, str]:
+    """Max over tasks (and constraints) of the cost, the dashed line's height and the axis label.
+
+    `cost` and `limit` belong to one scenario; `limit` has dims (seed, task, constraint).
+    """
+    finite = limit.values[np.isfinite(limit.values)]
+    n_constraints = int(limit.notnull().any(("seed", "task")).sum())
+    if n_constraints == 1 and finite.size and finite.min() == finite.max():
+        return cost.max(("task", "constraint")), float(finite[0]), "max cost over tasks"
+    return (cost - limit).max(("task", "constraint")), 0.0, "max (cost - d) over tasks"
+
+
+def _band(ax, x: xr.DataArray, label: str, color: str) -> None:
+    """Mean over seeds with a one-standard-deviation band; padded (NaN) entries left out."""
+    mean, std = x.mean("seed"), x.std("seed")
+    keep = mean.notnull().values
+    if not keep.any():
+        return
+    xs = mean[mean.dims[0]].values[keep]
+    ax.plot(xs, mean.values[keep], color=color, label=label)
+    ax.fill_between(xs, (mean - std).values[keep], (mean + std).values[keep], color=color, alpha=0.25, lw=0)
+
+
+def _curves(summary: xr.Dataset, prefix: str, xdim: str, xlabel: str, title: str) -> plt.Figure:
+    scenarios, methods = list(summary.scenario.values), list(summary.method.values)
+    colors = _colors(methods)
+    fig, axes = plt.subplots(2, len(scenarios), figsize=(4.2 * len(scenarios), 6.4), squeeze=False,
+                             constrained_layout=True)
+    for col, scenario in enumerate(scenarios):
+        one = summary.sel(scenario=scenario)
+        cost, line, cost_label = worst_cost(one[f"{prefix}cost"], one["limit"])
+        for method in methods:
+            _band(axes[0, col], one[f"{prefix}reward"].sel({"method": method}).mean("task"), method, colors[method])
+            _band(axes[1, col], cost.sel({"method": method}), method, colors[method])
+        axes[1, col].axhline(line, color="black", ls="--", lw=1, label="limit d")
+        axes[0, col].set_title(scenario)
+        axes[0, col].set_ylabel("mean reward over tasks")
+        axes[1, col].set_ylabel(cost_label)
+        axes[1, col].set_xlabel(xlabel)
+    axes[1, 0].legend(loc="best", fontsize="small")
+    fig.suptitle(title)
+    return fig
+
+
+def metatrain_figure(summary: xr.Dataset) -> plt.Figure:
+    return _curves(summary, "metatrain_", "iteration", "meta-iteration",
+                   "Meta-training: policy adapted one step from the meta-policy")
+
+
+def metatest_figure(summary: xr.Dataset) -> plt.Figure:
+    return _curves(summary, "metatest_", "step", "adaptation step k (0 = meta-policy)",
+                   "Meta-test: anytime safety of the adaptation sequence")
+
+
+def compute_times(summary: xr.Dataset) -> dict[str, xr.DataArray]:
+    """Seconds of computation per meta-iteration and per meta-test step, dims (scenario, method, seed).
+
+    Medians over iterations (resp. tasks and steps k >= 1), so one-off warm-up costs do not count.
+    """
+    out = {}
+    if "metatrain_time_compute" in summary:
+        out["meta-training (per iteration)"] = summary["metatrain_time_compute"].median("iteration")
+    if "metatest_time" in summary:
+        steps = summary["metatest_time"].isel(step=slice(1, None))  # k = 0 runs no adaptation
+        out["meta-test (per adaptation step)"] = steps.median(("task", "step"))
+    return out
+
+
+def compute_time_figure(summary: xr.Dataset) -> plt.Figure:
+    scenarios, methods = list(summary.scenario.values), list(summary.method.values)
+    colors = _colors(methods)
+    panels = compute_times(summary)
+    n_panels = max(len(panels), 1)
+    panel_width = max(5.0, 1.2 * len(scenarios) * len(methods) + 2.0)
+    fig, axes = plt.subplots(1, n_panels, figsize=(panel_width * n_panels, 4.2), squeeze=False,
+                             constrained_layout=True)
+    width = 0.8 / len(methods)
+    for ax, (name, seconds) in zip(axes[0], panels.items()):
+        mean, std = seconds.mean("seed"), seconds.std("seed")
+        slowest = mean.max("method")
+        for i, method in enumerate(methods):
+            xs = np.arange(len(scenarios)) + (i - (len(methods) - 1) / 2) * width
+            height = (mean / slowest).sel({"method": method}).values
+            bars = ax.bar(xs, height, width, yerr=(std / slowest).sel({"method": method}).values, capsize=3,
+                          color=colors[method], label=method)
+            for bar, sec in zip(bars, mean.sel({"method": method}).values):
+                if np.isfinite(sec):
+                    ax.annotate(f"{sec:.3g} s", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                                ha="center", va="bottom", fontsize="x-small")
+        ax.set_xticks(np.arange(len(scenarios)), scenarios)
+        ax.set_ylabel("computation time / slowest method")
+        ax.set_title(name)
+        top = float(((mean + std) / slowest).max())
+        ax.set_ylim(0, 1.15 * max(top, 1.0) if np.isfinite(top) else 1.25)
+        ax.legend(loc="upper right", fontsize="small")
+    if not panels:
+        axes[0, 0].text(0.5, 0.5, "no timing variables in summary.nc", ha="center", transform=axes[0, 0].transAxes)
+    fig.suptitle("Normalised computation time (median per seed; mean and std over seeds)")
+    return fig
+
+
+def write_figures(summary: xr.Dataset, out_dir: str | Path) -> list[Path]:
+    """Draw every figure of FIGURES into `out_dir/<name>.png` (atomically); return the paths."""
+    makers = {"metatrain": metatrain_figure, "metatest": metatest_figure, "compute_time": compute_time_figure}
+    paths = []
+    for name in FIGURES:
+        fig = makers[name](summary)
+        path = Path(out_dir) / f"{name}.png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,25 @@
+rule meta_test:
+    """Anytime-safety meta-test: adaptation steps from the meta-policy on every test task."""
+    input:
+        tasks="results/tasks/{scenario}/seed{seed}.json",
+        policy="results/metatrain/{scenario}/{method}/seed{seed}/policy.pt",
+    output:
+        trace="results/metatest/{scenario}/{method}/seed{seed}/trace.nc",
+    params:
+        config=lambda wc: stage_json("meta_test", wc),
+        code=lambda wc: stage_code_hash("meta_test", wc.scenario),
+    log:
+        "logs/meta_test/{scenario}/{method}/seed{seed}.log",
+    benchmark:
+        "results/benchmarks/meta_test/{scenario}/{method}/seed{seed}.tsv"
+    threads: 1
+    resources:
+        gpu=1,
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        SOFTWARE_ENV
+    shell:
+        "safemeta meta-test --config {params.config:q} --scenario {wildcards.scenario}"
+        " --method {wildcards.method} --seed {wildcards.seed} --tasks {input.tasks}"
+        " --policy {input.policy} --out {output.trace} --threads {threads} > {log} 2>&1"

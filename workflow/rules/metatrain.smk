@@ -1,0 +1,31 @@
+rule meta_train:
+    """Meta-train one method on one scenario and seed; resumes from its checkpoint after a kill.
+
+    The checkpoint lives outside the declared outputs (Snakemake deletes those before a rerun)
+    and is removed by the CLI on success.
+    """
+    input:
+        tasks="results/tasks/{scenario}/seed{seed}.json",
+    output:
+        policy="results/metatrain/{scenario}/{method}/seed{seed}/policy.pt",
+        trace="results/metatrain/{scenario}/{method}/seed{seed}/trace.nc",
+    params:
+        config=lambda wc: stage_json("meta_train", wc),
+        code=lambda wc: stage_code_hash("meta_train", wc.scenario),
+        checkpoint=lambda wc: f"results/checkpoints/{wc.scenario}/{wc.method}/seed{wc.seed}.pt",
+        out_dir=lambda wc, output: os.path.dirname(output.policy),
+    log:
+        "logs/meta_train/{scenario}/{method}/seed{seed}.log",
+    benchmark:
+        "results/benchmarks/meta_train/{scenario}/{method}/seed{seed}.tsv"
+    threads: 1
+    resources:
+        gpu=1,
+        mem_mb=4000,
+        runtime=120,
+    conda:
+        SOFTWARE_ENV
+    shell:
+        "safemeta meta-train --config {params.config:q} --scenario {wildcards.scenario}"
+        " --method {wildcards.method} --seed {wildcards.seed} --tasks {input.tasks}"
+        " --out-dir {params.out_dir} --checkpoint {params.checkpoint} --threads {threads} > {log} 2>&1"

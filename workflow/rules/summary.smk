@@ -1,0 +1,60 @@
+rule aggregate:
+    """Merge every meta-train and meta-test trace into results/summary.nc."""
+    input:
+        metatrain=metatrain_traces(),
+        metatest=metatest_traces(),
+    output:
+        "results/summary.nc",
+    params:
+        code=stage_code_hash("aggregate"),
+    log:
+        "logs/aggregate.log",
+    benchmark:
+        "results/benchmarks/aggregate.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    localrule: True
+    conda:
+        SOFTWARE_ENV
+    shell:
+        "safemeta aggregate {input.metatrain} {input.metatest} --out {output} > {log} 2>&1"
+
+
+rule plot:
+    """Draw the figures of summary.nc; they go into the report with their captions."""
+    input:
+        "results/summary.nc",
+    output:
+        metatrain=report(
+            "results/figures/metatrain.png",
+            caption="../report/metatrain.rst",
+            category="Figures",
+        ),
+        metatest=report(
+            "results/figures/metatest.png",
+            caption="../report/metatest.rst",
+            category="Figures",
+        ),
+        compute_time=report(
+            "results/figures/compute_time.png",
+            caption="../report/compute_time.rst",
+            category="Figures",
+        ),
+    params:
+        code=stage_code_hash("plot"),
+        out_dir=lambda wc, output: os.path.dirname(output.metatrain),
+    log:
+        "logs/plot.log",
+    benchmark:
+        "results/benchmarks/plot.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    localrule: True
+    conda:
+        SOFTWARE_ENV
+    shell:
+        "safemeta plot --summary {input} --out-dir {params.out_dir} > {log} 2>&1"

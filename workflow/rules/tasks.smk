@@ -1,0 +1,20 @@
+rule sample_tasks:
+    """Sample a scenario's train and test tasks for one seed (reads the scenario's task part)."""
+    output:
+        "results/tasks/{scenario}/seed{seed}.json",
+    params:
+        config=lambda wc: stage_json("tasks", wc),
+        code=lambda wc: stage_code_hash("tasks", wc.scenario),
+    log:
+        "logs/sample_tasks/{scenario}/seed{seed}.log",
+    benchmark:
+        "results/benchmarks/sample_tasks/{scenario}/seed{seed}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=20,
+    conda:
+        SOFTWARE_ENV
+    shell:
+        "safemeta tasks --config {params.config:q} --scenario {wildcards.scenario}"
+        " --seed {wildcards.seed} --out {output} > {log} 2>&1"
