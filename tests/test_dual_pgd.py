@@ -56,12 +56,17 @@ CASES = [  # (seed, p, margin, lam, lam_c): near-boundary safe starts make const
 ]
 
 
-@pytest.mark.parametrize("seed,p,margin,lam,lam_c", CASES)
-def test_closed_form_matches_generic_solver_and_kkt(seed, p, margin, lam, lam_c):
+def _adapted_case(seed, p, margin, lam, lam_c):
+    """A CMDP whose cost grows with reward, its meta-policy near the limit, and A^s of it."""
     m0 = random_cmdp(seed, S=4, A=3, p=p, correlation=0.7)
     logits = np.random.default_rng(seed).normal(size=(4, 3)) * 0.5
     m = with_limits_near(m0, logits, np.asarray(margin))
-    res = adapt_tabular(m, logits, lam, lam_c, 0.0)
+    return m, logits, adapt_tabular(m, logits, lam, lam_c, 0.0)
+
+
+@pytest.mark.parametrize("seed,p,margin,lam,lam_c", CASES)
+def test_closed_form_matches_generic_solver_and_kkt(seed, p, margin, lam, lam_c):
+    m, logits, res = _adapted_case(seed, p, margin, lam, lam_c)
     assert res.converged and res.feasible
     pi_ours = np.exp(res.logits)
     pi_ref = solve_problem_1_with_scipy(m, logits, lam, np.full(p, lam_c), np.zeros(p))
@@ -81,10 +86,7 @@ def test_closed_form_matches_generic_solver_and_kkt(seed, p, margin, lam, lam_c)
 
 @pytest.mark.parametrize("seed,p,margin,lam,lam_c", CASES)
 def test_multipliers_are_the_dual_optimum(seed, p, margin, lam, lam_c):
-    m0 = random_cmdp(seed, S=4, A=3, p=p, correlation=0.7)
-    logits = np.random.default_rng(seed).normal(size=(4, 3)) * 0.5
-    m = with_limits_near(m0, logits, np.asarray(margin))
-    res = adapt_tabular(m, logits, lam, lam_c, 0.0)
+    m, logits, res = _adapted_case(seed, p, margin, lam, lam_c)
     ev = res.meta_eval
     t = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
     args = (torch.log_softmax(t(logits), -1), t(ev.A), t(ev.Ac), t(ev.nu),

@@ -278,8 +278,6 @@ def adapt_sampled(policy: "NeuralPolicy", batch: "Batch", limits: np.ndarray,
     x_c = torch.stack([conjugate_gradient(fvp, g, settings.cg_iters) for g in g_c]) if p else None
     a = np.array([float(h @ x_r) for h in h_c])
     B = np.array([[float(h @ x) for x in x_c] for h in h_c])
-    quad_rr, quad_rc = float(x_r @ fvp_plain(x_r)), np.array([float(x_r @ fvp_plain(x)) for x in x_c])
-    quad_cc = np.array([[float(xi @ fvp_plain(xj)) for xj in x_c] for xi in x_c])
     J_c = batch.constraint_value.detach().double().numpy()
     lam_c_t = torch.from_numpy(lam_c)
 
@@ -287,7 +285,8 @@ def adapt_sampled(policy: "NeuralPolicy", batch: "Batch", limits: np.ndarray,
         eta = float(eta_of(torch.from_numpy(u), k * settings.lam, k * lam_c_t, gamma))
         return (x_r - torch.einsum("i,ij->j", torch.from_numpy(u).to(x_r.dtype), x_c)) / eta, eta
 
-    def quadratic_kl(u: np.ndarray, k: float) -> float:  # 1/2 dtheta^T F dtheta of the natural step
+    def quadratic_kl(u: np.ndarray, k: float, quad: tuple) -> float:  # 1/2 dtheta^T F dtheta of the natural step
+        quad_rr, quad_rc, quad_cc = quad
         eta = float(eta_of(torch.from_numpy(u), k * settings.lam, k * lam_c_t, gamma))
         return 0.5 * (quad_rr - 2 * u @ quad_rc + u @ quad_cc @ u) / eta ** 2
 
@@ -302,8 +301,10 @@ def adapt_sampled(policy: "NeuralPolicy", batch: "Batch", limits: np.ndarray,
                                           max_iter=settings.dual_max_iter)
 
     k = 1.0
-    if settings.kl_target is not None:
-        k = _scale_for_kl(lambda kk: quadratic_kl(solve(kk).u, kk), settings.kl_target)
+    if settings.kl_target is not None:  # the Fisher quadratic forms of the two CG solutions, once
+        quad = (float(x_r @ fvp_plain(x_r)), np.array([float(x_r @ fvp_plain(x)) for x in x_c]),
+                np.array([[float(xi @ fvp_plain(xj)) for xj in x_c] for xi in x_c]))
+        k = _scale_for_kl(lambda kk: quadratic_kl(solve(kk).u, kk, quad), settings.kl_target)
     sol = solve(k)
     dtheta, eta = step_of(sol.u, k)
 
