@@ -14,20 +14,22 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 @lru_cache(maxsize=None)
-def code_hash(*relpaths: str) -> str:
+def code_hash(*relpaths: str, root: str | Path | None = None) -> str:
     """sha256 (16 hex) of package source files: the given ones (relative to the package) or all.
 
     Hashes paths and contents of *.py, *.yaml and *.xml files, so it changes exactly when the
-    code changes, not when files are touched.
+    code changes, not when files are touched. `root` is the package directory to read (default:
+    this installed package; the workflow passes the source tree next to its Snakefile).
     """
+    base = PACKAGE_DIR if root is None else Path(root)
     if relpaths:
-        files = [PACKAGE_DIR / p for p in relpaths]
+        files = [base / p for p in relpaths]
     else:
-        files = sorted(f for ext in ("*.py", "*.yaml", "*.xml") for f in PACKAGE_DIR.rglob(ext)
+        files = sorted(f for ext in ("*.py", "*.yaml", "*.xml") for f in base.rglob(ext)
                        if "__pycache__" not in f.parts)
     h = hashlib.sha256()
     for f in files:
-        h.update(str(f.relative_to(PACKAGE_DIR)).encode())
+        h.update(str(f.relative_to(base)).encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
 

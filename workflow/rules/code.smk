@@ -4,8 +4,9 @@
 # (workflow.basedir). A stage runs the CLI entry files (hashed alone: cli.py imports every
 # stage), the roots below and every package module they import, and the scenario's task module.
 import ast
-import hashlib
 from functools import lru_cache
+
+from safemeta.provenance import code_hash
 
 PACKAGE = Path(workflow.basedir) / "src" / "safemeta"
 ENTRY = ["cli.py", "config.py", "config.schema.yaml", "provenance.py", "atomic.py", "__init__.py"]
@@ -73,11 +74,6 @@ def task_module(distribution):
     return _module_file(distribution_class(distribution).__module__)
 
 
-@lru_cache(maxsize=None)
 def stage_code_hash(stage, scenario=None):
     """sha256 (16 hex) of the paths and contents of the files `stage` runs (see stage_files)."""
-    h = hashlib.sha256()
-    for rel in stage_files(stage, scenario):
-        h.update(rel.encode())
-        h.update((PACKAGE / rel).read_bytes())
-    return h.hexdigest()[:16]
+    return code_hash(*stage_files(stage, scenario), root=PACKAGE)
