@@ -21,9 +21,8 @@ include: "workflow/rules/summary.smk"
 
 
 rule all:
-    """Default target: summary.nc, the figures, and any single-task traces."""
+    """Default target: summary.nc (every trace) and the figures."""
     default_target: True
     input:
         rules.aggregate.output,
         rules.plot.output,
-        single_task_traces(),

@@ -19,10 +19,10 @@ import time
 import torch
 
 from safemeta.adaptation.dual_pgd import SampledAdaptationSettings, adapt_sampled
-from safemeta.meta.safe_meta import (SampledMetaTrainSettings, SamplingSettings, _trpo_meta_step,
-                                     initial_sampled_state, meta_gradient_surrogate, rollout_policy)
-from safemeta.policies import policy_from_checkpoint
-from safemeta.rollout import time_baseline
+from safemeta.config import check_block, settings
+from safemeta.meta.safe_meta import SampledMetaTrainSettings, _trpo_meta_step, meta_gradient_surrogate
+from safemeta.rollout import SamplingSettings, time_baseline
+from safemeta.scenario import Scenario
 from safemeta.tasks import get_distribution
 
 SCENARIOS = {  # name -> (rollouts, horizon): App. D.2 sizes
@@ -53,19 +53,19 @@ def median_time(fn, repeats: int) -> float:
 def bench(name: str, rollouts: int, horizon: int, repeats: int) -> tuple[float, float, float, int]:
     dist = get_distribution(name, horizon=horizon)
     task = dist.sample(1, 0)[0]
-    meta = policy_from_checkpoint(initial_sampled_state(dist, task, {}, 0).policy)
-    sampling = SamplingSettings(rollouts=rollouts)
-    batch = rollout_policy(dist, task, meta, sampling, seed=1)
+    scenario = Scenario(name, dist, SamplingSettings(rollouts, 0.99, 1.0), check_block({}, "scenario", "")["policy"])
+    meta = scenario.fresh_policy(task, 0, "sampled")
+    batch = scenario.rollout(task, meta, seed=1)
     d = batch.constraint_value.double().numpy() + 1.0  # a binding limit, so PGD does real work
-    adaptation = SampledAdaptationSettings(lam=1.0, lam_c=1.0)
+    adaptation = settings(SampledAdaptationSettings, lam=1.0, lam_c=1.0)
     result = adapt_sampled(meta, batch, d, adaptation)
-    adapted_batch = rollout_policy(dist, task, result.policy, sampling, seed=2)
-    settings = SampledMetaTrainSettings(max_kl=1e-3, cg_iters=10, cg_damping=0.1)
+    adapted_batch = scenario.rollout(task, result.policy, seed=2)
+    step_settings = settings(SampledMetaTrainSettings, max_kl=1e-3, cg_iters=10, cg_damping=0.1)
     start = meta.flat()
 
     def step(surrogate):
         meta.load_flat(start)
-        _trpo_meta_step(meta, [("step", surrogate, batch)], settings, 0)
+        _trpo_meta_step(meta, [("step", surrogate, batch)], step_settings, 0)
 
     plain = median_time(lambda: step(plain_surrogate(meta, batch)), repeats)
     meta_t = median_time(lambda: step(meta_gradient_surrogate(meta, result.policy, adapted_batch)), repeats)

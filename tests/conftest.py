@@ -45,3 +45,43 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# --------------------------------------------------------------------------- algorithms on hand-made tasks
+class OneCMDP:
+    """A task distribution whose every task is one given CMDP (for exact operators on test CMDPs)."""
+
+    name = "one_cmdp"
+    kinds = ("exact", "sampled")
+
+    def __init__(self, cmdp: TabularCMDP) -> None:
+        self._cmdp = cmdp
+
+    def cmdp(self, task):
+        return self._cmdp
+
+
+def scenario_of(dist, rollouts: int = 10, gamma: float = 0.99, constraint_gamma: float = 1.0, device="cpu"):
+    """A Scenario around a distribution, with the schema's policy network."""
+    from safemeta.config import check_block
+    from safemeta.rollout import SamplingSettings
+    from safemeta.scenario import Scenario
+
+    policy = check_block({}, "scenario", "scenarios.test")["policy"]
+    return Scenario(dist.name, dist, SamplingSettings(rollouts, gamma, constraint_gamma), policy, device)
+
+
+def exact_sequence(cmdp: TabularCMDP, logits: np.ndarray, steps: int, **options):
+    """The adaptation loop of the exact A^s on one CMDP from softmax(logits): arrays over k."""
+    from types import SimpleNamespace
+
+    from safemeta.adaptation.dual_pgd import ExactAdaptationSettings, ExactDualPGD
+    from safemeta.config import settings
+    from safemeta.evaluate import adaptation_sequence
+    from safemeta.policies import TabularSoftmaxPolicy
+    from safemeta.tasks import Task
+
+    d = cmdp.d.tolist()
+    operator = ExactDualPGD(scenario_of(OneCMDP(cmdp)), settings(ExactAdaptationSettings, **options))
+    seq = adaptation_sequence(operator, Task("one_cmdp", {"d": d}), TabularSoftmaxPolicy(logits), steps, lambda k: k)
+    return SimpleNamespace(**seq)

@@ -8,7 +8,12 @@ import pytest
 import xarray as xr
 
 from safemeta import cli, plots
-from safemeta.results import METATEST_VARS, aggregate_traces, metatest_dataset, metatrain_dataset, read_dataset, write_dataset
+from safemeta.adaptation.dual_pgd import ExactDualPGD
+from safemeta.evaluate import sequence_vars
+from safemeta.meta.safe_meta_exact import ExactSafeMeta
+from safemeta.results import aggregate_traces, metatest_dataset, metatrain_dataset, read_dataset, write_dataset
+
+METATRAIN_VARS, METATEST_VARS = ExactSafeMeta.trace_vars(ExactDualPGD), sequence_vars(ExactDualPGD)
 
 
 def traces(tmp_path, scenario, method, seed, n_task, n_iter, n_step, p, limits=None, scale=1.0):
@@ -18,12 +23,12 @@ def traces(tmp_path, scenario, method, seed, n_task, n_iter, n_step, p, limits=N
     records = [{"iteration": i, "reward": scale * (i + np.arange(n_task)), "cost": np.full((n_task, p), 0.5 * i),
                 "time_compute": 0.1 * scale} for i in range(n_iter)]
     params = [{"task": k} for k in range(n_task)]
-    train = metatrain_dataset(records, limits, params, {**attrs, "stage": "meta_train"}, "exact")
+    train = metatrain_dataset(records, limits, params, {**attrs, "stage": "meta_train"}, "exact", METATRAIN_VARS)
     sizes = {"step": n_step, "constraint": p}
-    arrays = {name: np.zeros([n_task, *(sizes[d] for d in dims)]) for name, (dims, _, _) in METATEST_VARS.items()}
+    arrays = {name: np.zeros([n_task, *(sizes[d] for d in var.dims)]) for name, var in METATEST_VARS.items()}
     arrays.update(reward=np.tile(np.arange(n_step, dtype=float), (n_task, 1)),
                   time=np.tile(0.01 * scale * np.arange(n_step), (n_task, 1)))  # k = 0 adapts nothing
-    test = metatest_dataset(arrays, limits, params, {**attrs, "stage": "meta_test"}, "exact")
+    test = metatest_dataset(arrays, limits, params, {**attrs, "stage": "meta_test"}, "exact", METATEST_VARS)
     paths = [tmp_path / f"{scenario}-{method}-{seed}-{stage}.nc" for stage in ("train", "test")]
     write_dataset(train, paths[0])
     write_dataset(test, paths[1])
@@ -43,20 +48,20 @@ def grid(tmp_path):
 
 def test_summary_has_labelled_dims_and_pads_smaller_scenarios_with_nan(grid):
     summary = aggregate_traces(grid)
-    assert dict(summary.sizes) == {"scenario": 2, "method": 2, "seed": 2, "iteration": 6, "task": 3, "constraint": 2,
+    assert dict(summary.sizes) == {"scenario": 2, "method_name": 2, "seed": 2, "iteration": 6, "task": 3, "constraint": 2,
                                    "step": 5}
-    assert list(summary.scenario.values) == ["a", "b"] and list(summary.method.values) == ["m1", "m2"]
+    assert list(summary.scenario.values) == ["a", "b"] and list(summary.method_name.values) == ["m1", "m2"]
     assert list(summary.seed.values) == [0, 1] and list(summary.step.values) == list(range(5))
-    assert summary.metatrain_reward.dims == ("scenario", "method", "seed", "iteration", "task")
-    assert summary.metatest_cost.dims == ("scenario", "method", "seed", "task", "step", "constraint")
+    assert summary.metatrain_reward.dims == ("scenario", "method_name", "seed", "iteration", "task")
+    assert summary.metatest_cost.dims == ("scenario", "method_name", "seed", "task", "step", "constraint")
     assert summary.limit.dims == ("scenario", "seed", "task", "constraint")
-    a = summary.metatrain_reward.sel({"scenario": "a", "method": "m2", "seed": 1})
+    a = summary.metatrain_reward.sel({"scenario": "a", "method_name": "m2", "seed": 1})
     np.testing.assert_array_equal(a.isel(iteration=slice(0, 4)).values, 2.0 * (np.arange(4)[:, None] + np.arange(3)))
     assert np.isnan(a.isel(iteration=slice(4, None))).all()                      # a has 4 iterations, b 6
-    b = summary.sel({"scenario": "b", "method": "m1"})
+    b = summary.sel({"scenario": "b", "method_name": "m1"})
     assert np.isnan(b.metatest_reward.isel(task=2)).all() and np.isfinite(b.metatest_reward.isel(task=1, step=2)).all()
     assert np.isnan(b.metatest_reward.isel(step=slice(3, None))).all()
-    assert np.isnan(summary.sel({"scenario": "b", "method": "m2"}).metatrain_reward).all()  # b has no m2 run
+    assert np.isnan(summary.sel({"scenario": "b", "method_name": "m2"}).metatrain_reward).all()  # b has no m2 run
     assert np.isnan(summary.limit.sel(scenario="a", constraint=1)).all()
     assert summary.task_params.sel(scenario="b", seed=0).values.tolist() == ['{"task": 0}', '{"task": 1}', ""]
     assert summary.attrs["padded"] == 1 and '"b": {"constraint": 2' in summary.attrs["padding"]
@@ -101,7 +106,7 @@ def test_cost_axis_uses_d_when_shared_and_cost_minus_d_when_per_task():
 def test_compute_times_are_medians_per_run(grid):
     times = plots.compute_times(aggregate_traces(grid))
     train = times["meta-training (per iteration)"]
-    assert train.dims == ("scenario", "method", "seed")
+    assert train.dims == ("scenario", "method_name", "seed")
     np.testing.assert_allclose(train.sel(scenario="a").values, [[0.1, 0.1], [0.2, 0.2]])
     # steps k = 1..4 take 0.01 k (scale 1) and 0.02 k (scale 2); k = 0 is left out
     np.testing.assert_allclose(times["meta-test (per adaptation step)"].sel(scenario="a", seed=0).values,

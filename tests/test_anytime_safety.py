@@ -12,9 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import random_cmdp, softmax, with_limits_near
-from safemeta.evaluate import adaptation_sequence_exact
-from safemeta.meta.safe_meta_exact import AdaptationSettings
+from conftest import exact_sequence, random_cmdp, softmax, with_limits_near
 from safemeta.tasks.tabular import TabularCMDP, evaluate
 
 
@@ -37,7 +35,7 @@ def _cases(margin: float = 0.002):
 def test_anytime_safety_and_monotone_improvement_at_the_bound(margin):
     for seed, m, logits in _cases(margin):
         lam, lam_c = prop4_bound(m)
-        seq = adaptation_sequence_exact(m, logits, 20, AdaptationSettings(lam=lam, lam_c=lam_c), delta=0.0)
+        seq = exact_sequence(m, logits, 20, lam=lam, lam_c=lam_c, delta=0.0)
         assert (seq.cost <= m.d + 1e-12).all(), f"case {seed}: a policy of the sequence is unsafe"
         assert (np.diff(seq.reward) >= -1e-12).all(), f"case {seed}: the reward decreased"
         assert seq.feasible.all()
@@ -50,7 +48,7 @@ def test_small_lam_loses_safety():
     """The same starts with lam = lam_c = 0.02: the surrogate of (1) is too optimistic somewhere."""
     violations = []
     for seed, m, logits in _cases():
-        seq = adaptation_sequence_exact(m, logits, 20, AdaptationSettings(lam=0.02, lam_c=0.02), delta=0.0)
+        seq = exact_sequence(m, logits, 20, lam=0.02, lam_c=0.02, delta=0.0)
         violations.append(float((seq.cost - m.d).max()))
     assert max(violations) > 1e-3, violations
 
@@ -61,7 +59,7 @@ def test_one_step_guarantee_with_allowed_violation():
         lam, lam_c = prop4_bound(m)
         delta = 0.05
         m_tight = with_limits_near(m, logits, -0.03)        # J_c(pi_phi) = d + 0.03 <= d + delta
-        seq = adaptation_sequence_exact(m_tight, logits, 1, AdaptationSettings(lam=lam, lam_c=lam_c), delta=delta)
+        seq = exact_sequence(m_tight, logits, 1, lam=lam, lam_c=lam_c, delta=delta)
         assert (seq.cost[1] <= m_tight.d + delta + 1e-12).all()
         assert seq.reward[1] >= seq.reward[0] - 1e-12
         assert evaluate(m_tight, softmax(logits)).Jc.max() > m_tight.d.max()  # the start was above d

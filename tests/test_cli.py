@@ -17,7 +17,7 @@ from safemeta.results import read_dataset, without_timing
 
 CONFIG = {
     "scenarios": {"rand": {"distribution": "tabular_random", "task_options": {"num_states": 6},
-                           "n_train_tasks": 8, "n_test_tasks": 4, "adaptation": {"lam": 1.0, "lam_c": 1.0}}},
+                           "n_train_tasks": 8, "n_test_tasks": 4, "adaptation": {"dual_pgd": {"lam": 1.0, "lam_c": 1.0}}}},
     "methods": {"safemeta": {"meta_gradient": "eq6"}},
     "metatrain": {"iterations": 6, "tasks_per_iteration": 3, "max_kl": 0.02},
     "metatest": {"adapt_steps": 5},
@@ -84,20 +84,20 @@ def test_interrupted_meta_train_resumes_to_the_same_result(workdir, monkeypatch)
     ref = pipeline(workdir, out="ref")
     base = ["--config", str(workdir / "config.yaml"), "--scenario", "rand", "--seed", "0", "--method", "safemeta",
             "--tasks", str(ref / "tasks.json"), "--out-dir", str(workdir / "killed"), "--quiet"]
-    real = cli.meta_train_exact
+    real = cli.train
 
-    def dies_after_three(train, test, settings, adaptation, state, on_iteration):
+    def dies_after_three(learner, state, on_iteration):
         def hook(st):
             on_iteration(st)           # the checkpoint is written ...
             if st.iteration == 3:
                 raise KeyboardInterrupt  # ... then the job is killed
-        return real(train, test, settings, adaptation, state, hook)
+        return real(learner, state, hook)
 
-    monkeypatch.setattr(cli, "meta_train_exact", dies_after_three)
+    monkeypatch.setattr(cli, "train", dies_after_three)
     with pytest.raises(KeyboardInterrupt):
         run("meta-train", *base)
     assert (workdir / "killed" / "checkpoint.pt").exists() and not (workdir / "killed" / "trace.nc").exists()
-    monkeypatch.setattr(cli, "meta_train_exact", real)
+    monkeypatch.setattr(cli, "train", real)
     assert run("meta-train", *base) == 0
     xr.testing.assert_identical(without_timing(read_dataset(workdir / "killed" / "trace.nc")),
                                 without_timing(read_dataset(ref / "mt" / "trace.nc")))

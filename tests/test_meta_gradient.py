@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from conftest import random_cmdp, with_limits_near
-from safemeta.meta.safe_meta_exact import AdaptationSettings, meta_gradient
+from safemeta.adaptation.dual_pgd import ExactAdaptationSettings
+from safemeta.config import settings
+from safemeta.meta.safe_meta_exact import meta_gradient
 from safemeta.tasks.tabular import evaluate
 
 H = 1e-5  # central differences: truncation O(H^2) ~ 1e-10, dual-solver error ~ 1e-10 / H
@@ -45,7 +47,7 @@ def test_full_gradient_matches_finite_differences(seed, p, correlation, margin, 
     m0 = random_cmdp(seed, S=5, A=3, p=p, correlation=correlation)
     logits = np.random.default_rng(seed).normal(size=(5, 3)) * 0.5
     m = with_limits_near(m0, logits, np.full(p, margin))
-    adaptation = AdaptationSettings(lam=0.5, lam_c=0.5)
+    adaptation = settings(ExactAdaptationSettings, lam=0.5, lam_c=0.5)
     ref = finite_difference(m, logits, adaptation)
     full = meta_gradient(m, logits, adaptation, "full")
     assert (full.adapt.u > 0).sum() == p, "every constraint should be active in this case"
@@ -69,7 +71,7 @@ def test_full_gradient_matches_finite_differences(seed, p, correlation, margin, 
 def test_eq6_is_exact_when_no_constraint_is_active():
     m = random_cmdp(1, S=5, A=3, p=2)       # d = 1e9: slack
     logits = np.random.default_rng(1).normal(size=(5, 3))
-    adaptation = AdaptationSettings(lam=0.5, lam_c=0.5)
+    adaptation = settings(ExactAdaptationSettings, lam=0.5, lam_c=0.5)
     eq6 = meta_gradient(m, logits, adaptation, "eq6")
     assert (eq6.adapt.u == 0).all()
     np.testing.assert_allclose(eq6.grad, meta_gradient(m, logits, adaptation, "full").grad, atol=1e-14)
@@ -81,7 +83,7 @@ def test_first_order_is_alg4_line7():
     """first_order = (1/(1-gamma)) E_{nu^tau, pi^tau}[grad log pi_phi A^tau], written out for logits."""
     m = random_cmdp(3)
     logits = np.random.default_rng(3).normal(size=(5, 3))
-    adaptation = AdaptationSettings(lam=0.5, lam_c=0.5)
+    adaptation = settings(ExactAdaptationSettings, lam=0.5, lam_c=0.5)
     g = meta_gradient(m, logits, adaptation, "first_order")
     pi_tau = np.exp(g.adapt.logits)
     ev_tau = evaluate(m, pi_tau)
@@ -93,4 +95,4 @@ def test_first_order_is_alg4_line7():
 
 def test_unknown_kind_is_rejected():
     with pytest.raises(ValueError, match="meta_gradient must be one of"):
-        meta_gradient(random_cmdp(0), np.zeros((5, 3)), AdaptationSettings(), "hessian")
+        meta_gradient(random_cmdp(0), np.zeros((5, 3)), settings(ExactAdaptationSettings), "hessian")

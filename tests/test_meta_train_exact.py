@@ -2,43 +2,54 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from safemeta.meta.safe_meta_exact import (AdaptationSettings, MetaTrainSettings, initial_state,
-                                           meta_train_exact)
+from safemeta.adaptation.dual_pgd import ExactAdaptationSettings, ExactDualPGD
+from safemeta.config import settings
+from safemeta.meta.base import train as run_training
+from safemeta.meta.safe_meta_exact import ExactSafeMeta, MetaTrainSettings
 from safemeta.tasks import get_distribution
 from safemeta.tasks.tabular import evaluate
 
-from conftest import softmax
+from conftest import scenario_of, softmax
 
 
 @pytest.fixture(scope="module")
 def family():
     dist = get_distribution("tabular_random")
-    train = [dist.cmdp(t) for t in dist.sample(20, (0, 0))]
-    test = [dist.cmdp(t) for t in dist.sample(10, (0, 1))]
-    return train, test
+    train_tasks, test_tasks = dist.sample(20, (0, 0)), dist.sample(10, (0, 1))
+    return SimpleNamespace(dist=dist, train_tasks=train_tasks, test_tasks=test_tasks,
+                           train=[dist.cmdp(t) for t in train_tasks], test=[dist.cmdp(t) for t in test_tasks])
+
+
+def _learner(family, evaluation=None, seed=0, **options):
+    """Exact Alg. 2 on the family's training tasks (eq. 6, A^s with lam = lam_c = 1)."""
+    scenario = scenario_of(family.dist)
+    operator = ExactDualPGD(scenario, settings(ExactAdaptationSettings, lam=1.0, lam_c=1.0))
+    options = {"meta_gradient": "eq6", "tasks_per_iteration": 5, "max_kl": 0.02, **options}
+    return ExactSafeMeta(scenario, operator, settings(MetaTrainSettings, **options), family.train_tasks,
+                         family.test_tasks if evaluation is None else evaluation, seed)
 
 
 def _run(family, iterations=25, switch="any", seed=0, state=None, stop_after=None):
-    train, test = family
-    settings = MetaTrainSettings(iterations=iterations, tasks_per_iteration=5, max_kl=0.02, switch=switch)
+    learner = _learner(family, seed=seed, iterations=iterations, switch=switch)
     if state is None:
-        state = initial_state(train[0].num_states, train[0].num_actions, seed)
+        state = learner.initial_state()
 
     def stop(st):
         if stop_after is not None and st.iteration == stop_after:
             raise KeyboardInterrupt
 
-    return meta_train_exact(train, test, settings, AdaptationSettings(lam=1.0, lam_c=1.0), state, stop)
+    return run_training(learner, state, stop)
 
 
 @pytest.mark.parametrize("switch", ["any", "per_task"])
 def test_meta_training_raises_adapted_return_and_keeps_the_meta_policy_safe(family, switch):
     state = _run(family, switch=switch)
-    _, test = family
+    test = family.test
     limits = np.stack([m.d for m in test])
     rewards = np.array([r["reward"].mean() for r in state.records])
     unsafe = np.array([(r["meta_cost"] > limits).mean() for r in state.records])
@@ -53,16 +64,16 @@ def test_meta_training_raises_adapted_return_and_keeps_the_meta_policy_safe(fami
 def test_any_switch_step_reduces_the_violated_costs(family):
     """Batch = all training tasks: with switch 'any' the first step lowers the cost of every task
     that violated (a pure cost step); the reward-seeking 'per_task' mix does not."""
-    train, _ = family
-    start = initial_state(train[0].num_states, train[0].num_actions, 0)
+    train = family.train
+    start = _learner(family).initial_state()
     before = np.array([evaluate(m, softmax(start.logits)).Jc[0] for m in train])
     violating = before > np.array([m.d[0] for m in train])
     assert 0 < violating.sum() < len(train)
     changes = {}
     for switch in ("any", "per_task"):
-        settings = MetaTrainSettings(iterations=1, tasks_per_iteration=len(train), max_kl=0.02, switch=switch)
-        state = meta_train_exact(train, train[:1], settings, AdaptationSettings(lam=1.0, lam_c=1.0),
-                                 initial_state(train[0].num_states, train[0].num_actions, 0))
+        learner = _learner(family, evaluation=family.train_tasks[:1], iterations=1, tasks_per_iteration=len(train),
+                           switch=switch)
+        state = run_training(learner, learner.initial_state())
         after = np.array([evaluate(m, softmax(state.logits)).Jc[0] for m in train])
         changes[switch] = (after - before)[violating]
     assert (changes["any"] < 0).all(), changes["any"]
@@ -88,15 +99,13 @@ def test_resume_from_a_saved_state_is_bit_identical(family):
         if st.iteration == 4:
             raise KeyboardInterrupt  # the job dies after its checkpoint of iteration 4
 
-    train, test = family
-    settings = MetaTrainSettings(iterations=10, tasks_per_iteration=5, max_kl=0.02)
+    learner = _learner(family, iterations=10)
     with pytest.raises(KeyboardInterrupt):
-        meta_train_exact(train, test, settings, AdaptationSettings(lam=1.0, lam_c=1.0),
-                         initial_state(train[0].num_states, train[0].num_actions, 0), keep)
-    resumed = meta_train_exact(train, test, settings, AdaptationSettings(lam=1.0, lam_c=1.0), saved["state"])
+        run_training(learner, learner.initial_state(), keep)
+    resumed = run_training(learner, saved["state"])
     np.testing.assert_array_equal(resumed.logits, full.logits)
     assert len(resumed.records) == len(full.records)
     np.testing.assert_array_equal(resumed.records[-1]["reward"], full.records[-1]["reward"])
     # a finished state does nothing more
-    again = meta_train_exact(train, test, settings, AdaptationSettings(lam=1.0, lam_c=1.0), resumed)
+    again = run_training(learner, resumed)
     assert len(again.records) == len(full.records)

@@ -2,23 +2,27 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
-from safemeta.adaptation.dual_pgd import SampledAdaptationSettings
-from safemeta.evaluate import meta_test_sampled
-from safemeta.meta.safe_meta import (SampledMetaTrainSettings, SamplingSettings, initial_sampled_state,
-                                     meta_train_sampled, rollout_policy)
+from conftest import scenario_of
+from safemeta.adaptation.dual_pgd import SampledAdaptationSettings, SampledDualPGD
+from safemeta.config import settings
+from safemeta.evaluate import meta_test
+from safemeta.meta.base import train as run_training
+from safemeta.meta.safe_meta import SampledMetaTrainSettings, SampledSafeMeta
 from safemeta.optim import fisher_vector_product, flat_grad, trpo_step
 from safemeta.policies import policy_from_checkpoint
 from safemeta.tasks import get_distribution
 
 LIMIT = 30.0
-ADAPT = SampledAdaptationSettings(lam=0.5, lam_c=0.5)
-TRAIN = SampledMetaTrainSettings(iterations=10, tasks_per_iteration=3, max_kl=0.02, cg_damping=0.1, eval_every=10)
-SAMPLING = SamplingSettings(rollouts=16)
+ADAPT = settings(SampledAdaptationSettings, lam=0.5, lam_c=0.5)
+TRAIN = settings(SampledMetaTrainSettings, meta_gradient="first_order", iterations=10, tasks_per_iteration=3,
+                 max_kl=0.02, cg_iters=10, cg_damping=0.1, eval_every=10)
+ROLLOUTS = 16
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +31,22 @@ def problem():
     return dist, dist.sample(8, (0, 0)), dist.sample(3, (0, 1))
 
 
-def _train(problem, iterations=TRAIN.iterations, state=None, hook=None, seed=0):
+def _learner(problem, seed=0, adaptation=ADAPT, **options):
     dist, train, test = problem
-    settings = SampledMetaTrainSettings(**{**TRAIN.__dict__, "iterations": iterations})
-    state = state or initial_sampled_state(dist, train[0], {}, seed)
-    return meta_train_sampled(dist, train, test, state, settings, ADAPT, SAMPLING, seed=seed, on_iteration=hook)
+    scenario = scenario_of(dist, rollouts=ROLLOUTS)
+    return SampledSafeMeta(scenario, SampledDualPGD(scenario, adaptation), dataclasses.replace(TRAIN, **options),
+                           train, test, seed)
+
+
+def _train(problem, iterations=TRAIN.iterations, state=None, hook=None, seed=0):
+    learner = _learner(problem, seed, iterations=iterations)
+    return run_training(learner, state or learner.initial_state(), hook)
+
+
+def _meta_test(problem, policy, steps, seed, delta=0.0):
+    dist, _, test = problem
+    return meta_test(SampledDualPGD(scenario_of(dist, rollouts=32), dataclasses.replace(ADAPT, delta=delta)), test,
+                     policy, steps, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +56,8 @@ def trained(problem):
 
 def test_trpo_step_on_a_fixed_batch_keeps_the_kl_bound_and_improves_the_surrogate(problem):
     dist, train, _ = problem
-    policy = policy_from_checkpoint(initial_sampled_state(dist, train[0], {}, 0).policy)
-    batch = rollout_policy(dist, train[0], policy, SAMPLING, seed=3)
+    policy = policy_from_checkpoint(_learner(problem).initial_state().policy)
+    batch = scenario_of(dist, rollouts=ROLLOUTS).rollout(train[0], policy, seed=3)
     alive = batch.alive
     obs, actions, old = batch.obs[alive], batch.actions[alive], batch.log_prob[alive]
     adv = (batch.q_reward - batch.q_reward.mean(1, keepdim=True))[alive]
@@ -76,16 +91,15 @@ def test_meta_test_is_anytime_safe_within_sampling_error(problem, trained):
     d + 4 standard errors of its estimate (each step aims at d with an estimate of the same noise,
     so realised costs scatter around d by about sqrt(2) SE); without the constraint (delta = 1000)
     the same sequence overshoots that tolerance."""
-    dist, _, test = problem
     policy = policy_from_checkpoint(trained.policy)
-    arrays = meta_test_sampled(dist, test, policy, 4, ADAPT, SamplingSettings(rollouts=32), seed=5)
+    arrays = _meta_test(problem, policy, 4, seed=5)
     cost, se = arrays["cost"][..., 0], arrays["cost_se"][..., 0]
     assert (cost[:, 0] < LIMIT).all(), "the meta-policy should start safe on every test task"
     z = (cost - LIMIT) / se
     print("(cost - d) / SE per task and step:\n", z.round(2))
     assert (z <= 4).all()
     assert (arrays["reward"][:, -1] > arrays["reward"][:, 0]).all()
-    unconstrained = meta_test_sampled(dist, test, policy, 4, ADAPT, SamplingSettings(rollouts=32), seed=5, delta=1000.0)
+    unconstrained = _meta_test(problem, policy, 4, seed=5, delta=1000.0)
     assert ((unconstrained["cost"][..., 0] - LIMIT) / unconstrained["cost_se"][..., 0]).max() > 4
 
 
@@ -115,8 +129,6 @@ def test_same_seed_same_trace_and_resume_is_bit_identical(problem):
 
 
 def test_an_exploding_adaptation_stops_the_run_naming_iteration_and_quantity(problem):
-    dist, train, test = problem
-    settings = SampledMetaTrainSettings(iterations=2, tasks_per_iteration=3, eval_every=10, kl_limit=1e-9)
+    learner = _learner(problem, adaptation=dataclasses.replace(ADAPT, delta=1e6), iterations=2, kl_limit=1e-9)
     with pytest.raises(FloatingPointError, match=r"iteration 0: adaptation KL .* exceeds kl_limit"):
-        meta_train_sampled(dist, train, test, initial_sampled_state(dist, train[0], {}, 0), settings,
-                           SampledAdaptationSettings(lam=0.5, lam_c=0.5, delta=1e6), SAMPLING, seed=0)
+        run_training(learner, learner.initial_state())

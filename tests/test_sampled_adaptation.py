@@ -6,16 +6,17 @@ import pytest
 import torch
 
 from conftest import random_cmdp, with_limits_near
-from safemeta.adaptation.dual_pgd import SampledAdaptationSettings, adapt_sampled, adapt_tabular
+from safemeta.adaptation.dual_pgd import ExactAdaptationSettings, SampledAdaptationSettings, adapt_sampled, adapt_tabular
+from safemeta.config import settings
 from safemeta.meta.safe_meta import meta_gradient_surrogate
-from safemeta.meta.safe_meta_exact import AdaptationSettings, meta_gradient
+from safemeta.meta.safe_meta_exact import meta_gradient
 from safemeta.optim import flat_grad
 from safemeta.policies import CategoricalMLPPolicy
 from safemeta.rollout import collect
 from safemeta.tasks.tabular import TabularBatchEnv
 
 # exact comparison: no advantage normalisation, a near-exact natural step, the CMDP's own discount
-EXACT_LIKE = SampledAdaptationSettings(lam=1.0, lam_c=1.0, normalize_advantages=False, cg_damping=1e-6, cg_iters=40)
+EXACT_LIKE = settings(SampledAdaptationSettings, lam=1.0, lam_c=1.0, normalize_advantages=False, cg_damping=1e-6, cg_iters=40)
 
 
 def tabular_policy(logits: np.ndarray) -> CategoricalMLPPolicy:
@@ -72,7 +73,7 @@ def test_kl_target_scales_lam():
     m = random_cmdp(5, S=5, A=3)  # no binding limit
     logits = np.zeros((5, 3))
     target = 0.03
-    res = _sampled(m, logits, 1000, 0, SampledAdaptationSettings(kl_target=target, normalize_advantages=False,
+    res = _sampled(m, logits, 1000, 0, settings(SampledAdaptationSettings, kl_target=target, normalize_advantages=False,
                                                                   cg_damping=1e-6, cg_iters=40))
     assert res.lam_scale != 1.0
     assert abs(res.kl - target) / target < 0.3   # the target is met on the quadratic KL model
@@ -82,7 +83,7 @@ def test_infeasible_start_is_reported():
     m0 = random_cmdp(7, S=5, A=3, correlation=0.5)
     logits = np.zeros((5, 3))
     m = with_limits_near(m0, logits, -0.5)   # the meta-policy is 0.5 above its limit
-    res = _sampled(m, logits, 500, 0, SampledAdaptationSettings(lam=1.0, lam_c=50.0, normalize_advantages=False))
+    res = _sampled(m, logits, 500, 0, settings(SampledAdaptationSettings, lam=1.0, lam_c=50.0, normalize_advantages=False))
     assert not res.feasible
 
 
@@ -91,7 +92,7 @@ def test_sampled_meta_gradient_is_unbiased_for_the_exact_line7_gradient(boundary
     against the exact tabular value: every component within 4 standard errors and the mean's
     relative error below 5% (measured: max |z| 1.8-2.0, relative error 1-2%)."""
     m, logits, exact_adapt = boundary_case
-    exact = meta_gradient(m, logits, AdaptationSettings(lam=1.0, lam_c=1.0), "first_order")
+    exact = meta_gradient(m, logits, settings(ExactAdaptationSettings, lam=1.0, lam_c=1.0), "first_order")
     reference = exact.grad.T.reshape(-1)             # the policy's weight is [A, S]
     meta, adapted = tabular_policy(logits), tabular_policy(exact_adapt.logits)
     grads = []

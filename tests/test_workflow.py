@@ -72,10 +72,10 @@ def wildcards(job: dict[str, str]) -> dict[str, str]:
 
 
 def expected_counts(config: dict) -> dict[str, int]:
-    grid = len(config["scenarios"]) * len(config.get("seeds", [0]))
-    methods = len(config.get("methods", {}))
-    return {"sample_tasks": grid, "meta_train": grid * methods, "meta_test": grid * methods,
-            "aggregate": 1, "plot": 1, "all": 1}
+    seeds = len(config.get("seeds", [0]))
+    grid = len(config["scenarios"]) * seeds
+    runs = seeds * sum(len(m.get("scenarios") or config["scenarios"]) for m in config.get("methods", {}).values())
+    return {"sample_tasks": grid, "meta_train": runs, "meta_test": runs, "aggregate": 1, "plot": 1, "all": 1}
 
 
 # --------------------------------------------------------------------------- static checks
@@ -188,7 +188,7 @@ def test_end_to_end_writes_summary_figures_and_report(pipeline):
     config = TINY
     summary = read_dataset(pipeline.work / "results" / "summary.nc")
     assert list(summary.scenario.values) == sorted(config["scenarios"])
-    assert list(summary.method.values) == list(config["methods"])
+    assert list(summary.method_name.values) == list(config["methods"])
     assert list(summary.seed.values) == config["seeds"]
     assert summary.sizes["iteration"] == config["metatrain"]["iterations"] + 1
     assert summary.sizes["step"] == config["metatest"]["adapt_steps"] + 1
@@ -200,7 +200,7 @@ def test_end_to_end_writes_summary_figures_and_report(pipeline):
     assert summary.attrs["padded"] == 1 and len(summary.attrs["code_hash"]) == 16
     seed = config["seeds"][-1]
     trace = read_dataset(pipeline.work / f"results/metatest/{small}/safemeta/seed{seed}/trace.nc")
-    merged = summary.metatest_cost.sel({"scenario": small, "method": "safemeta", "seed": seed})
+    merged = summary.metatest_cost.sel(scenario=small, method_name="safemeta", seed=seed)  # keyword selection works
     np.testing.assert_array_equal(merged.isel(task=slice(0, n_tasks[small])).values, trace.cost.values)
     for name in ("metatrain", "metatest", "compute_time"):
         assert (pipeline.work / "results" / "figures" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -248,7 +248,7 @@ PIPELINE = ["sample_tasks", "meta_train", "meta_test", "aggregate", "plot", "all
 
 
 @pytest.mark.parametrize("module, changed", [
-    ("evaluate.py", {"meta_test": RUNS}),
+    ("evaluate.py", {"meta_train": RUNS, "meta_test": RUNS}),   # meta-training evaluates through the loop
     ("adaptation/dual_pgd.py", {"meta_train": RUNS, "meta_test": RUNS}),
     ("tasks/tabular.py", {"sample_tasks": RUNS, "meta_train": RUNS, "meta_test": RUNS}),
     ("plots.py", {"plot": 1}),

@@ -1,9 +1,10 @@
 """`safemeta` command line: one subcommand per pipeline stage.
 
 This is the only module that touches file paths and configuration files; the algorithms
-receive arrays, tasks and settings. Every output is written atomically. Errors in the config,
-the task files or the task parameters end the command with one line naming the problem and
-exit status 2.
+receive a `Scenario`, tasks and settings, built through the registries (`plugins.py`), so
+nothing here depends on which algorithm runs. Every output is written atomically. Errors in the
+config, the task files or the task parameters end the command with one line naming the problem
+and exit status 2.
 """
 from __future__ import annotations
 
@@ -12,31 +13,27 @@ import inspect
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import __version__
 from .atomic import atomic_path, write_text
-from .config import ConfigError, config_hash, effective, load_config, select, settings_from, stage_config
+from .config import ConfigError, config_hash, effective, load_config, select, stage_config
 from .devices import resolve_device
-from .adaptation.dual_pgd import SampledAdaptationSettings
-from .evaluate import meta_test_exact, meta_test_sampled
-from .meta.safe_meta import (SampledMetaTrainSettings, SampledMetaTrainState, SamplingSettings, derived_seed,
-                             initial_sampled_state, meta_train_sampled)
-from .meta.safe_meta_exact import (AdaptationSettings, MetaTrainSettings, MetaTrainState, initial_state,
-                                   meta_train_exact)
+from .evaluate import meta_test, sequence_vars
+from .meta.base import train
+from .plugins import build_learner, build_meta_learner, build_operator, build_scenario
 from .policies import TabularSoftmaxPolicy, policy_from_checkpoint
 from .provenance import provenance_attrs
-from .results import metatest_dataset, metatrain_dataset, write_dataset
+from .registry import kind_of
+from .results import metatrain_dataset, sequence_dataset, write_dataset
+from .rollout import derived_seed
 from .tasks import Task, TaskParamError, distribution_class, get_distribution
-from .tasks.tabular import TabularDistribution
 
 TASKS_FORMAT = "safemeta.tasks/1"
-EXACT_RETURN = "exact expected discounted return from rho (tabular, no sampling)"
 
 
 class InputError(ValueError):
@@ -116,74 +113,37 @@ def _device(config: dict[str, Any]) -> str:
         raise ConfigError(f"config key 'device': {exc}") from None
 
 
-@dataclass
-class _Runner:
-    """What meta-train needs from an algorithm family (exact tabular or sampled)."""
-
-    state_class: type
-    fresh_state: Callable[[], Any]
-    run: Callable[[Any, Callable[[Any], None]], Any]
-    policy_checkpoint: Callable[[Any], dict[str, Any]]
-    evaluation: list[Task]
-    return_kind: str
-
-
-def _exact_runner(dist, tasks, scen, method, metatrain, seed) -> _Runner:
-    train = [dist.cmdp(t) for t in tasks["train"]]
-    test = [dist.cmdp(t) for t in tasks["test"]]
-    settings = settings_from(MetaTrainSettings, metatrain, meta_gradient=method["meta_gradient"])
-    adaptation = settings_from(AdaptationSettings, scen["adaptation"])
-    return _Runner(MetaTrainState, lambda: initial_state(train[0].num_states, train[0].num_actions, seed),
-                   lambda state, hook: meta_train_exact(train, test, settings, adaptation, state, hook),
-                   lambda state: TabularSoftmaxPolicy(state.logits).to_checkpoint(), tasks["test"], EXACT_RETURN)
-
-
-def _sampled_runner(dist, tasks, scen, metatrain, seed, device) -> _Runner:
-    settings = settings_from(SampledMetaTrainSettings, metatrain)
-    adaptation = settings_from(SampledAdaptationSettings, scen["adaptation"])
-    sampling = settings_from(SamplingSettings, scen)
-    evaluation = tasks["test"][: metatrain["eval_tasks"] or len(tasks["test"])]
-    return _Runner(SampledMetaTrainState, lambda: initial_sampled_state(dist, tasks["train"][0], scen["policy"], seed),
-                   lambda state, hook: meta_train_sampled(dist, tasks["train"], evaluation, state, settings, adaptation,
-                                                          sampling, seed, device, hook),
-                   lambda state: state.policy, evaluation, _sampled_return(sampling))
-
-
-def _sampled_return(sampling: SamplingSettings) -> str:
-    return (f"mean undiscounted episode return over {sampling.rollouts} rollouts; cost is the constrained J_c, "
-            f"the mean of sum_t {sampling.constraint_gamma:g}^t c_t")
-
-
 def _limits(tasks: list[Task]) -> np.ndarray:
     return np.stack([np.asarray(t.params["d"], dtype=np.float64) for t in tasks])
 
 
+def _scenario(config: dict[str, Any], args: argparse.Namespace):
+    """The scenario of a job (its distribution built with the job's threads) and its task file."""
+    scen = select(config, "scenarios", args.scenario)
+    scenario = build_scenario(config, args.scenario, _distribution(config, args.scenario, args.threads), _device(config))
+    return scenario, _read_tasks(args.tasks, args.scenario, scen["distribution"])
+
+
 def cmd_meta_train(args: argparse.Namespace) -> None:
     config = load_config(args.config)
-    device = _device(config)
     _set_threads(args.threads)
-    scen = select(config, "scenarios", args.scenario)
-    method = select(config, "methods", args.method)
-    dist = _distribution(config, args.scenario, args.threads)
-    tasks = _read_tasks(args.tasks, args.scenario, scen["distribution"])
+    select(config, "methods", args.method)
+    scenario, tasks = _scenario(config, args)
     metatrain = effective(config, "metatrain", args.scenario)
     prefix = f"[meta-train {args.scenario}/{args.method} seed {args.seed}]"
-    print(f"{prefix} device {device} (config device: {config['device']})", file=sys.stderr)
-    if isinstance(dist, TabularDistribution):
-        runner = _exact_runner(dist, tasks, scen, method, metatrain, args.seed)
-    else:
-        runner = _sampled_runner(dist, tasks, scen, metatrain, args.seed, device)
+    print(f"{prefix} device {scenario.device} (config device: {config['device']})", file=sys.stderr)
+    learner = build_meta_learner(config, scenario, args.method, tasks["train"], tasks["test"], args.seed)
     part = stage_config(config, "meta_train", args.scenario, args.method)
     out_dir = Path(args.out_dir)
     checkpoint = Path(args.checkpoint) if args.checkpoint else out_dir / "checkpoint.pt"
     identity = {"config": config_hash(part), "seed": args.seed, "tasks": config_hash([t.to_json() for t in tasks["train"]])}
 
-    state = _load_checkpoint(checkpoint, identity, runner.state_class)
+    state = _load_checkpoint(checkpoint, identity, learner.State)
     if state is None:
-        state = runner.fresh_state()
+        state = learner.initial_state()
     else:
         print(f"{prefix} resuming from {checkpoint} at iteration {state.iteration}", file=sys.stderr)
-    limits = _limits(runner.evaluation)
+    limits = _limits(learner.evaluation)
     report = _progress(prefix, metatrain["iterations"], metatrain["tasks_per_iteration"], limits, state.iteration)
 
     def on_iteration(st) -> None:
@@ -192,11 +152,12 @@ def cmd_meta_train(args: argparse.Namespace) -> None:
         if not args.quiet:
             report(st)
 
-    state = runner.run(state, on_iteration)
+    state = train(learner, state, on_iteration)
     attrs = provenance_attrs(part, args.seed, stage="meta_train", scenario=args.scenario, method=args.method)
     with atomic_path(out_dir / "policy.pt") as tmp:
-        torch.save({**runner.policy_checkpoint(state), "provenance": attrs}, tmp)
-    ds = metatrain_dataset(state.records, limits, [t.params for t in runner.evaluation], attrs, runner.return_kind)
+        torch.save({**learner.policy(state).to_checkpoint(), "provenance": attrs}, tmp)
+    ds = metatrain_dataset(state.records, limits, [t.params for t in learner.evaluation], attrs,
+                           learner.adapt.return_kind(), learner.trace_vars(type(learner.adapt)))
     write_dataset(ds, out_dir / "trace.nc")
     checkpoint.unlink(missing_ok=True)
     print(f"wrote {out_dir / 'policy.pt'} and {out_dir / 'trace.nc'}", file=sys.stderr)
@@ -216,41 +177,60 @@ def _load_checkpoint(path: Path, identity: dict[str, Any], state_class: type):
     return state_class(**obj["state"])
 
 
+def _read_policy(path: str, scenario, operator, tasks: list[Task]):
+    """The meta-policy of policy.pt, checked against what the operator adapts on this scenario."""
+    try:
+        policy = policy_from_checkpoint(torch.load(path, weights_only=False))
+    except FileNotFoundError:
+        raise InputError(f"policy file {path} does not exist (run `safemeta meta-train` first)") from None
+    kind = kind_of(type(operator), scenario.kinds)
+    if kind == "exact":
+        cmdp = scenario.distribution.cmdp(tasks[0])
+        if not isinstance(policy, TabularSoftmaxPolicy) or policy.logits.shape != (cmdp.num_states, cmdp.num_actions):
+            raise InputError(f"policy {path} ({policy.kind}) does not fit the tabular tasks of {scenario.name}")
+        return policy
+    if isinstance(policy, TabularSoftmaxPolicy):
+        raise InputError(f"policy {path} is tabular; scenario {scenario.name} needs a neural policy")
+    return policy.to(scenario.device)
+
+
 def cmd_meta_test(args: argparse.Namespace) -> None:
     config = load_config(args.config)
-    device = _device(config)
     _set_threads(args.threads)
-    scen = select(config, "scenarios", args.scenario)
     select(config, "methods", args.method)
-    dist = _distribution(config, args.scenario, args.threads)
-    tasks = _read_tasks(args.tasks, args.scenario, scen["distribution"])
+    scenario, tasks = _scenario(config, args)
     metatest = effective(config, "metatest", args.scenario)
-    try:
-        policy = policy_from_checkpoint(torch.load(args.policy, weights_only=False))
-    except FileNotFoundError:
-        raise InputError(f"policy file {args.policy} does not exist (run `safemeta meta-train` first)") from None
+    operator = build_operator(config, "meta_test", scenario, args.method)
     test = tasks["test"]
-    if isinstance(dist, TabularDistribution):
-        cmdps = [dist.cmdp(t) for t in test]
-        if not isinstance(policy, TabularSoftmaxPolicy) or policy.logits.shape != (cmdps[0].num_states, cmdps[0].num_actions):
-            raise InputError(f"policy {args.policy} ({policy.kind}) does not fit the tabular tasks of {args.scenario}")
-        arrays = meta_test_exact(cmdps, policy.logits, metatest["adapt_steps"],
-                                 settings_from(AdaptationSettings, scen["adaptation"]), delta=metatest["delta"])
-        return_kind = EXACT_RETURN
-    else:
-        if isinstance(policy, TabularSoftmaxPolicy):
-            raise InputError(f"policy {args.policy} is tabular; scenario {args.scenario} needs a neural policy")
-        sampling = settings_from(SamplingSettings, scen)
-        arrays = meta_test_sampled(dist, test, policy.to(device), metatest["adapt_steps"],
-                                   settings_from(SampledAdaptationSettings, scen["adaptation"]), sampling,
-                                   seed=derived_seed(args.seed, 9), delta=metatest["delta"], device=device)
-        return_kind = _sampled_return(sampling)
+    policy = _read_policy(args.policy, scenario, operator, test)
+    arrays = meta_test(operator, test, policy, metatest["adapt_steps"], seed=derived_seed(args.seed, 9))
     part = stage_config(config, "meta_test", args.scenario, args.method)
-    attrs = provenance_attrs(part, args.seed, stage="meta_test", scenario=args.scenario, method=args.method)
-    ds = metatest_dataset(arrays, _limits(test), [t.params for t in test], attrs, return_kind)
+    attrs = provenance_attrs(part, args.seed, stage="meta_test", scenario=args.scenario, method=args.method,
+                             adapter=operator.name)
+    ds = sequence_dataset(arrays, _limits(test), [t.params for t in test], attrs, operator.return_kind(),
+                          sequence_vars(operator))
     write_dataset(ds, args.out)
     worst = float((ds.cost - ds.limit).max())
     print(f"wrote {args.out}: {ds.sizes['task']} tasks x {ds.sizes['step']} policies; "
+          f"largest cost - d over all policies {worst:+.4g}", file=sys.stderr)
+
+
+def cmd_single_task(args: argparse.Namespace) -> None:
+    config = load_config(args.config)
+    _set_threads(args.threads)
+    select(config, "learners", args.learner)
+    scenario, tasks = _scenario(config, args)
+    learner = build_learner(config, scenario, args.learner)
+    trained_on = learner.tasks(tasks["test"])
+    arrays = learner.run(tasks["test"], seed=derived_seed(args.seed, 13))
+    part = stage_config(config, "single_task", args.scenario, args.learner)
+    attrs = provenance_attrs(part, args.seed, stage="single_task", scenario=args.scenario, learner=args.learner,
+                             adapter=learner.adapt.name)
+    ds = sequence_dataset(arrays, _limits(trained_on), [t.params for t in trained_on], attrs,
+                          learner.adapt.return_kind(), learner.trace_vars(type(learner.adapt)))
+    write_dataset(ds, args.out)
+    worst = float((ds.cost - ds.limit).max())
+    print(f"wrote {args.out}: {ds.sizes['task']} tasks x {ds.sizes['step']} policies from scratch; "
           f"largest cost - d over all policies {worst:+.4g}", file=sys.stderr)
 
 
@@ -326,9 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_meta_train)
 
     p = sub.add_parser("meta-test", help="anytime-safety meta-test: K adaptation steps on each test task",
-                       description="From the meta-policy, run metatest.adapt_steps adaptation steps (delta = "
-                                   "metatest.delta) on every test task and record reward and cost of every "
-                                   "policy used, k = 0 included.")
+                       description="From the meta-policy, run metatest.adapt_steps steps of the method's "
+                                   "operator (or metatest.adapter; delta = metatest.delta) on every test task "
+                                   "and record reward and cost of every policy used, k = 0 included.")
     common(p)
     p.add_argument("--tasks", required=True, help="tasks JSON written by `safemeta tasks`")
     p.add_argument("--policy", required=True, help="policy.pt written by `safemeta meta-train`")
@@ -336,11 +316,24 @@ def build_parser() -> argparse.ArgumentParser:
     threads_option(p)
     p.set_defaults(func=cmd_meta_test)
 
+    p = sub.add_parser("single-task", help="train a single-task learner from scratch on each test task",
+                       description="From a fresh policy, run the learner (its operator repeated `iterations` "
+                                   "times) on the first n_tasks test tasks and record reward and cost of every "
+                                   "policy, as a meta-test records them.")
+    common(p, method=False)
+    p.add_argument("--learner", required=True, help="learner key in the config's `learners`")
+    p.add_argument("--tasks", required=True, help="tasks JSON written by `safemeta tasks`")
+    p.add_argument("--out", required=True, help="output trace.nc")
+    threads_option(p)
+    p.set_defaults(func=cmd_single_task)
+
     p = sub.add_parser("aggregate", help="merge meta-train and meta-test traces into summary.nc",
-                       description="Merge trace.nc files into one dataset with dims (scenario, method, seed, "
-                                   "task, iteration / step, constraint); labels come from each trace's "
-                                   "provenance attributes. Scenarios of different sizes are padded with NaN.")
-    p.add_argument("traces", nargs="+", help="trace.nc files written by `safemeta meta-train` / `meta-test`")
+                       description="Merge trace.nc files into one dataset with dims (scenario, method_name or "
+                                   "learner, seed, task, iteration / step / single_step, constraint); labels come "
+                                   "from each trace's provenance attributes. Scenarios of different sizes are "
+                                   "padded with NaN.")
+    p.add_argument("traces", nargs="+", help="trace.nc files written by `safemeta meta-train` / `meta-test` / "
+                                             "`single-task`")
     p.add_argument("--out", required=True, help="output netCDF file, e.g. results/summary.nc")
     p.set_defaults(func=cmd_aggregate)
 

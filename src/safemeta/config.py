@@ -7,8 +7,10 @@ checked against their registries after the schema.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,6 @@ from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError, best_match
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
-ALGORITHMS = ("safemeta",)
-LEARNERS: tuple[str, ...] = ()  # single-task learners (CVPO, CGPO) register here when implemented
 
 
 class ConfigError(ValueError):
@@ -41,30 +41,88 @@ def _with_defaults(cls):
 _Validator = _with_defaults(Draft202012Validator)
 
 
-def schema() -> dict[str, Any]:
+@lru_cache(maxsize=1)
+def _schema() -> dict[str, Any]:
     return yaml.safe_load(SCHEMA_PATH.read_text())
 
 
-def _describe(error: ValidationError) -> str:
-    path = ".".join(str(p) for p in error.absolute_path) or "<top level>"
+def schema() -> dict[str, Any]:
+    return copy.deepcopy(_schema())
+
+
+def _describe(error: ValidationError, prefix: str = "") -> str:
+    path = ".".join([*([prefix] if prefix else []), *(str(p) for p in error.absolute_path)]) or "<top level>"
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
         allowed = sorted(error.schema.get("properties", {}))
         unknown = sorted(set(error.instance) - set(allowed))
         where = f"{path}." if path != "<top level>" else ""
         return f"config key '{where}{unknown[0]}': unknown key" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
-    if error.validator == "required":
-        return f"config key '{path}': {error.message}"
     return f"config key '{path}': {error.message}"
 
 
+def _check(instance: Any, sub_schema: dict[str, Any], prefix: str = "", fill: bool = True) -> None:
+    """Validate `instance` in place against a schema (with the document's $defs), filling defaults."""
+    document = {**sub_schema, "$defs": _schema()["$defs"]}
+    validator = (_Validator if fill else Draft202012Validator)(document)
+    error = best_match(validator.iter_errors(instance))
+    if error is not None:
+        raise ConfigError(_describe(error, prefix))
+
+
+def block(name: str) -> dict[str, Any]:
+    """The schema block `$defs/<name>` (e.g. operator_dual_pgd, method_safemeta, learner_dual_pgd)."""
+    defs = _schema()["$defs"]
+    if name not in defs:
+        raise ConfigError(f"the config schema has no block {name!r}")
+    return defs[name]
+
+
+def block_defaults(name: str) -> dict[str, Any]:
+    """Every option of a schema block with its default (the one place defaults live)."""
+    return {k: copy.deepcopy(v["default"]) for k, v in block(name).get("properties", {}).items() if "default" in v}
+
+
+def check_block(values: dict[str, Any], name: str, prefix: str, fill: bool = True) -> dict[str, Any]:
+    """A validated copy of `values` against block `name`, defaults filled unless `fill` is False."""
+    out = copy.deepcopy(values)
+    _check(out, {"$ref": f"#/$defs/{name}"}, prefix, fill)
+    return out
+
+
+def settings(cls: type, *mappings: dict[str, Any], **given: Any):
+    """A settings dataclass (no defaults of its own) from config mappings (later ones win) and
+    keywords; every field they lack comes from the schema: the class's `block` (e.g.
+    operator_dual_pgd) and the sections it names in `sections` (e.g. metatrain). Keys that are
+    not fields are ignored. The pipeline and the tests build settings through this."""
+    values: dict[str, Any] = {}
+    for section in getattr(cls, "sections", ()):
+        values.update(block_defaults(section))
+    values.update(block_defaults(cls.block))
+    for mapping in (*mappings, given):
+        values.update(mapping)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no option {', '.join(unknown)}")
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise ConfigError(f"{cls.__name__}: no value or schema default for {', '.join(missing)}")
+    return cls(**{n: values[n] for n in names})
+
+
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A validated copy of `config` with defaults filled in; raises ConfigError naming the key."""
+    """A validated copy of `config` with defaults filled in; raises ConfigError naming the key.
+
+    After the schema: task distributions, algorithms and operators are checked against their
+    registries, each algorithm's and operator's options against its own schema block, and every
+    (scenario, method / learner) pair against the implementation that will run it
+    (`plugins.check_config`): an option that implementation does not read is an error.
+    """
     if not isinstance(config, dict):
         raise ConfigError(f"config must be a mapping, got {type(config).__name__}")
+    raw = copy.deepcopy(config)
     resolved = copy.deepcopy(config)
-    error = best_match(_Validator(schema()).iter_errors(resolved))
-    if error is not None:
-        raise ConfigError(_describe(error))
+    _check(resolved, _schema())
     from .tasks import distribution_names
 
     for key, scen in resolved["scenarios"].items():
@@ -72,19 +130,10 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
         if scen["distribution"] not in distribution_names():
             raise ConfigError(f"config key 'scenarios.{key}.distribution': unknown task distribution "
                               f"{scen['distribution']!r} (known: {', '.join(distribution_names())})")
-    for key, meth in resolved["methods"].items():
-        meth.setdefault("algorithm", key)
-        if meth["algorithm"] not in ALGORITHMS:
-            raise ConfigError(f"config key 'methods.{key}': unknown algorithm {meth['algorithm']!r}; "
-                              f"name one of {', '.join(ALGORITHMS)} in 'algorithm'")
-    for key, learner in resolved["learners"].items():
-        learner.setdefault("algorithm", key)
-        if learner["algorithm"] not in LEARNERS:
-            raise ConfigError(f"config key 'learners.{key}': unknown learner {learner['algorithm']!r} "
-                              f"(implemented: {', '.join(LEARNERS) or 'none yet'})")
+    from .plugins import check_config
+
+    check_config(raw, resolved)
     return resolved
-
-
 def load_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
     """Validated config from a dict, a YAML/JSON file path, or an inline JSON object string."""
     if isinstance(source, dict):
@@ -113,29 +162,27 @@ def select(config: dict[str, Any], section: str, key: str) -> dict[str, Any]:
     return config[section][key]
 
 
-def stage_config(config: dict[str, Any], stage: str, scenario: str, method: str | None = None) -> dict[str, Any]:
+def stage_config(config: dict[str, Any], stage: str, scenario: str, label: str | None = None) -> dict[str, Any]:
     """The part of a resolved config that one stage reads (a valid config by itself).
 
-    `method` names the method, or for stage "single_task" the learner.
+    `label` names the method, or for stage "single_task" the learner. The scenario block keeps
+    only what the stage reads: for tasks its distribution and task counts; for the others the
+    sampling settings, the options that the stage's adaptation operator reads (with defaults)
+    and the scenario's override of that one method; method and learner blocks keep the options
+    their implementation reads (`plugins.stage_part`).
 
     Snakemake rules pass exactly this as `params` (canonical JSON), so a config edit reruns only
     the stages whose part changed.
     """
-    part: dict[str, Any] = {"scenarios": {scenario: select(config, "scenarios", scenario)}}
+    scen = select(config, "scenarios", scenario)
     if stage == "tasks":
-        part["scenarios"][scenario] = {k: v for k, v in part["scenarios"][scenario].items() if k != "adaptation"}
-        return part
-    if stage == "single_task":
-        part.update(learners={method: select(config, "learners", method)}, device=config["device"])
-        return part
-    part["methods"] = {method: select(config, "methods", method)}
-    if stage == "meta_train":
-        part.update(metatrain=config["metatrain"], device=config["device"])
-    elif stage == "meta_test":
-        part.update(metatest=config["metatest"], device=config["device"])
-    else:
+        keep = ("distribution", "task_options", "n_train_tasks", "n_test_tasks")
+        return {"scenarios": {scenario: {k: scen[k] for k in keep if k in scen}}}
+    if stage not in ("meta_train", "meta_test", "single_task"):
         raise ConfigError(f"unknown stage {stage!r}")
-    return part
+    from .plugins import stage_part
+
+    return stage_part(config, stage, scenario, label)
 
 
 def canonical_json(obj: Any) -> str:
@@ -149,14 +196,3 @@ def config_hash(obj: Any) -> str:
 def effective(config: dict[str, Any], section: str, scenario: str) -> dict[str, Any]:
     """A top-level section (metatrain, metatest) with the scenario's overrides applied."""
     return {**config[section], **select(config, "scenarios", scenario).get(section, {})}
-
-
-def settings_from(cls: type, *mappings: dict[str, Any], **extra: Any):
-    """Instantiate a settings dataclass from config mappings (later ones win), taking the fields it has."""
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(cls)}
-    values: dict[str, Any] = {}
-    for mapping in (*mappings, extra):
-        values.update({k: v for k, v in mapping.items() if k in names})
-    return cls(**values)

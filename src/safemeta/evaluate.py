@@ -1,103 +1,89 @@
-"""Meta-test protocol (Cor. 1): K repeated adaptation steps from the meta-policy on each test task.
+"""The adaptation loop: K steps of an operator from a starting policy on one task (Cor. 1).
 
-pi_[0] = pi_phi (the meta-policy), pi_[k+1] = A^s(pi_[k]) with delta = 0. Every policy that
-explores the task, k = 0 included, is recorded: its reward, its cost per constraint, the
-multipliers and KL of the step that produced it, whether that step's problem (1) was feasible,
-the computation time of that step and the time spent evaluating (sampling) pi_[k].
-Anytime safety is max over tasks of cost[:, k] <= d for every k.
+pi_[0] is the starting policy, pi_[k+1] = operator step from pi_[k]. Every policy that explores
+the task, k = 0 included, is recorded: its reward, its cost per constraint (with the standard
+error of the estimate), and for the step that produced it the multipliers, the KL to its
+predecessor, the computation time and the operator's own step variables.
+
+- meta-test: the loop from the meta-policy on every test task (anytime safety is
+  max over tasks of cost[:, k] <= d for every k);
+- single-task learners: the loop from a fresh policy;
+- meta-training's evaluation: the loop with K = 1 (meta-policy and its one-step adaptation).
+
+This module knows operators (adaptation/), never meta-learners.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
-from .meta.safe_meta_exact import AdaptationSettings
-from .tasks.tabular import TabularCMDP, evaluate
+from .adaptation.base import AdaptationOperator
+from .records import Var
+from .rollout import derived_seed
+from .tasks import Task
+
+# The loop's own variables over steps k = 0..K (index 0 is the starting policy).
+LOOP_VARS: dict[str, Var] = {
+    "reward": Var(("step",), "reward of the exploration policy pi_[k]", "return"),
+    "cost": Var(("step", "constraint"), "cost of the exploration policy pi_[k]", "cost"),
+    "cost_se": Var(("step", "constraint"), "standard error of cost over the rollouts (0: exact)", "cost"),
+    "u": Var(("step", "constraint"), "multipliers of the adaptation that produced pi_[k] (NaN at k=0)", "1"),
+    "kl": Var(("step",), "E_nu KL(pi_[k] || pi_[k-1]) (NaN at k=0)", "nats"),
+    "time": Var(("step",), "computation time of the adaptation that produced pi_[k] (0 at k=0)", "s", 0.0),
+    "time_sampling": Var(("step",), "time spent evaluating pi_[k] (rollouts, or exact solves on tabular)", "s"),
+    "env_steps": Var(("step",), "environment steps taken to explore pi_[k] (0: exact)", "1"),
+}
 
 
-@dataclass
-class AdaptationSequence:
-    """Arrays over steps k = 0..K of one task (index 0 is the meta-policy)."""
-
-    reward: np.ndarray     # [K+1]
-    cost: np.ndarray       # [K+1, p]
-    cost_se: np.ndarray    # [K+1, p]  standard error of `cost` over rollouts (0 for exact values)
-    u: np.ndarray          # [K+1, p]  multipliers of the step that produced pi_[k] (NaN at k=0)
-    kl: np.ndarray         # [K+1]     E_nu[KL(pi_[k] || pi_[k-1])] (NaN at k=0)
-    feasible: np.ndarray   # [K+1] bool
-    time: np.ndarray       # [K+1] seconds computing the adaptation that produced pi_[k] (0 at k=0)
-    time_sampling: np.ndarray  # [K+1] seconds evaluating pi_[k] (rollouts; exact solves on tabular)
+def sequence_vars(operator: type[AdaptationOperator] | AdaptationOperator) -> dict[str, Var]:
+    """Every variable of an adaptation sequence of this operator (the loop's, then its own)."""
+    own = {name: Var(("step", *v.dims), v.long_name, v.units, v.initial) for name, v in operator.step_vars.items()}
+    return {**LOOP_VARS, **own}
 
 
-def adaptation_sequence_exact(cmdp: TabularCMDP, logits: np.ndarray, steps: int,
-                              adaptation: AdaptationSettings, delta: float = 0.0) -> AdaptationSequence:
-    """Exact values of pi_[0..K] on one tabular task."""
-    p = cmdp.num_constraints
-    reward, cost = np.empty(steps + 1), np.empty((steps + 1, p))
-    u, kl = np.full((steps + 1, p), np.nan), np.full(steps + 1, np.nan)
-    feasible, seconds, sampling = np.ones(steps + 1, dtype=bool), np.zeros(steps + 1), np.zeros(steps + 1)
-    current = np.asarray(logits, dtype=np.float64)
-    current = current - np.logaddexp.reduce(current, axis=-1, keepdims=True)
-    for k in range(steps + 1):
-        if k > 0:
-            t0 = time.perf_counter()
-            res = adaptation.adapt(cmdp, current, delta=delta)
-            current = res.logits
-            u[k], kl[k], feasible[k], seconds[k] = res.u, res.kl, res.feasible, time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ev = evaluate(cmdp, np.exp(current))
-        reward[k], cost[k], sampling[k] = ev.J, ev.Jc, time.perf_counter() - t0
-    return AdaptationSequence(reward, cost, np.zeros_like(cost), u, kl, feasible, seconds, sampling)
+def adaptation_sequence(operator: AdaptationOperator, task: Task, policy: Any, steps: int,
+                        seed_of_step: Callable[[int], int], start_seed: int = 0) -> dict[str, np.ndarray]:
+    """pi_[0..K] on one task: arrays over k (see `sequence_vars`) plus `policies` (pi_[K] last).
 
-
-def meta_test_exact(cmdps: list[TabularCMDP], logits: np.ndarray, steps: int,
-                    adaptation: AdaptationSettings, delta: float = 0.0) -> dict[str, np.ndarray]:
-    """Adaptation sequences on every test task, stacked with a leading task axis."""
-    seqs = [adaptation_sequence_exact(m, logits, steps, adaptation, delta) for m in cmdps]
-    return {name: np.stack([getattr(s, name) for s in seqs]) for name in AdaptationSequence.__dataclass_fields__}
-
-
-def adaptation_sequence_sampled(dist, task, policy, steps: int, adaptation, sampling, seed: int,
-                                delta: float | list[float] = 0.0, device="cpu") -> AdaptationSequence:
-    """pi_[0..K] on one sampled task: each policy explores (its rollouts estimate its reward and
-    cost, and are the data of the next adaptation step), as the meta-test of the paper.
-
-    reward is the mean undiscounted episode return; cost is the constrained J_c per constraint
-    (sampling.constraint_gamma; 1 = undiscounted episode cost); time is the step's wall time.
+    `seed_of_step(k)` seeds the exploration of pi_[k]; `start_seed` the operator's own draws.
     """
-    import dataclasses
-
-    from .adaptation.dual_pgd import adapt_sampled
-    from .meta.safe_meta import derived_seed, rollout_policy
-
-    d = np.asarray(task.params["d"], dtype=np.float64)
-    settings = dataclasses.replace(adaptation, delta=delta)
-    p = d.shape[0]
-    reward, cost, cost_se = np.empty(steps + 1), np.empty((steps + 1, p)), np.empty((steps + 1, p))
-    u, kl = np.full((steps + 1, p), np.nan), np.full(steps + 1, np.nan)
-    feasible, seconds, sampled = np.ones(steps + 1, dtype=bool), np.zeros(steps + 1), np.zeros(steps + 1)
+    p = operator.scenario.limits(task).shape[0]
+    sizes = {"constraint": p}
+    specs = sequence_vars(operator)
+    out = {name: np.full((steps + 1, *[sizes[d] for d in var.dims[1:]]), var.initial) for name, var in specs.items()}
+    state = operator.start(task, policy, start_seed)
     current = policy
     for k in range(steps + 1):
-        batch = rollout_policy(dist, task, current, sampling, derived_seed(seed, k), device)
-        reward[k], sampled[k] = float(batch.episode_reward.mean()), batch.sampling_time
-        cost[k] = batch.constraint_value.double().cpu().numpy()
-        cost_se[k] = batch.constraint_value_se.double().cpu().numpy()
+        obs = operator.observe(state, current, seed_of_step(k))
+        out["reward"][k], out["cost"][k], out["cost_se"][k] = obs.reward, obs.cost, obs.cost_se
+        out["time_sampling"][k], out["env_steps"][k] = obs.time_sampling, obs.env_steps
         if k < steps:
             t0 = time.perf_counter()
-            res = adapt_sampled(current, batch, d, settings)
-            current = res.policy
-            u[k + 1], kl[k + 1], feasible[k + 1] = res.u, res.kl, res.feasible
-            seconds[k + 1] = time.perf_counter() - t0
-    return AdaptationSequence(reward, cost, cost_se, u, kl, feasible, seconds, sampled)
+            step = operator.step(state, current, obs)
+            out["time"][k + 1] = time.perf_counter() - t0
+            out["u"][k + 1], out["kl"][k + 1] = step.u, step.kl
+            for name, value in step.record.items():
+                out[name][k + 1] = value
+            current = step.policy
+    out["policy"] = current
+    return out
 
 
-def meta_test_sampled(dist, tasks, policy, steps: int, adaptation, sampling, seed: int,
-                      delta: float | list[float] = 0.0, device="cpu") -> dict[str, np.ndarray]:
-    """Sampled adaptation sequences on every test task, stacked with a leading task axis."""
-    from .meta.safe_meta import derived_seed
+def stack(sequences: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Sequences of several tasks, stacked with a leading task axis (policies dropped)."""
+    return {name: np.stack([s[name] for s in sequences]) for name in sequences[0] if name != "policy"}
 
-    seqs = [adaptation_sequence_sampled(dist, t, policy, steps, adaptation, sampling, derived_seed(seed, j), delta, device)
-            for j, t in enumerate(tasks)]
-    return {name: np.stack([getattr(s, name) for s in seqs]) for name in AdaptationSequence.__dataclass_fields__}
+
+def meta_test(operator: AdaptationOperator, tasks: list[Task], policy: Any, steps: int, seed: int) -> dict[str, np.ndarray]:
+    """The meta-test of Cor. 1: the loop from the meta-policy on every test task.
+
+    Task j explores pi_[k] with seed derived_seed(derived_seed(seed, j), k).
+    """
+    sequences = []
+    for j, task in enumerate(tasks):
+        task_seed = derived_seed(seed, j)
+        sequences.append(adaptation_sequence(operator, task, policy, steps, lambda k, s=task_seed: derived_seed(s, k),
+                                             start_seed=derived_seed(task_seed, 1 << 20)))
+    return stack(sequences)

@@ -58,7 +58,7 @@ def _band(ax, x: xr.DataArray, label: str, color: str) -> None:
 
 
 def _curves(summary: xr.Dataset, prefix: str, xdim: str, xlabel: str, title: str) -> plt.Figure:
-    scenarios, methods = list(summary.scenario.values), list(summary.method.values)
+    scenarios, methods = list(summary.scenario.values), list(summary.method_name.values)
     colors = _colors(methods)
     fig, axes = plt.subplots(2, len(scenarios), figsize=(4.2 * len(scenarios), 6.4), squeeze=False,
                              constrained_layout=True)
@@ -66,8 +66,8 @@ def _curves(summary: xr.Dataset, prefix: str, xdim: str, xlabel: str, title: str
         one = summary.sel(scenario=scenario)
         cost, line, cost_label = worst_cost(one[f"{prefix}cost"], one["limit"])
         for method in methods:
-            _band(axes[0, col], one[f"{prefix}reward"].sel({"method": method}).mean("task"), method, colors[method])
-            _band(axes[1, col], cost.sel({"method": method}), method, colors[method])
+            _band(axes[0, col], one[f"{prefix}reward"].sel(method_name=method).mean("task"), method, colors[method])
+            _band(axes[1, col], cost.sel(method_name=method), method, colors[method])
         axes[1, col].axhline(line, color="black", ls="--", lw=1, label="limit d")
         axes[0, col].set_title(scenario)
         axes[0, col].set_ylabel("mean reward over tasks")
@@ -89,7 +89,7 @@ def metatest_figure(summary: xr.Dataset) -> plt.Figure:
 
 
 def compute_times(summary: xr.Dataset) -> dict[str, xr.DataArray]:
-    """Seconds of computation per meta-iteration and per meta-test step, dims (scenario, method, seed).
+    """Seconds of computation per meta-iteration and per meta-test step, dims (scenario, method_name, seed).
 
     Medians over iterations (resp. tasks and steps k >= 1), so one-off warm-up costs do not count.
     """
@@ -103,7 +103,7 @@ def compute_times(summary: xr.Dataset) -> dict[str, xr.DataArray]:
 
 
 def compute_time_figure(summary: xr.Dataset) -> plt.Figure:
-    scenarios, methods = list(summary.scenario.values), list(summary.method.values)
+    scenarios, methods = list(summary.scenario.values), list(summary.method_name.values)
     colors = _colors(methods)
     panels = compute_times(summary)
     n_panels = max(len(panels), 1)
@@ -113,13 +113,13 @@ def compute_time_figure(summary: xr.Dataset) -> plt.Figure:
     width = 0.8 / len(methods)
     for ax, (name, seconds) in zip(axes[0], panels.items()):
         mean, std = seconds.mean("seed"), seconds.std("seed")
-        slowest = mean.max("method")
+        slowest = mean.max("method_name")
         for i, method in enumerate(methods):
             xs = np.arange(len(scenarios)) + (i - (len(methods) - 1) / 2) * width
-            height = (mean / slowest).sel({"method": method}).values
-            bars = ax.bar(xs, height, width, yerr=(std / slowest).sel({"method": method}).values, capsize=3,
+            height = (mean / slowest).sel(method_name=method).values
+            bars = ax.bar(xs, height, width, yerr=(std / slowest).sel(method_name=method).values, capsize=3,
                           color=colors[method], label=method)
-            for bar, sec in zip(bars, mean.sel({"method": method}).values):
+            for bar, sec in zip(bars, mean.sel(method_name=method).values):
                 if np.isfinite(sec):
                     ax.annotate(f"{sec:.3g} s", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                                 ha="center", va="bottom", fontsize="x-small")

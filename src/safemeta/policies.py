@@ -17,27 +17,35 @@ POLICY_FORMAT = "safemeta.policy/1"
 
 
 class TabularSoftmaxPolicy:
+    """pi(.|s) = softmax(logits[s]) for the exact algorithms.
+
+    `logits` are unnormalised scores, or log-probabilities already (`normalized=True`: an
+    adapted policy's closed form, or a policy read from policy.pt), whose probabilities are
+    exp(logits) as given.
+    """
+
     kind = "tabular_softmax"
 
-    def __init__(self, logits: np.ndarray) -> None:
+    def __init__(self, logits: np.ndarray, normalized: bool = False) -> None:
         logits = np.asarray(logits, dtype=np.float64)
         if logits.ndim != 2:
             raise ValueError(f"tabular logits must be [S, A]; got shape {logits.shape}")
-        self.logits = logits
+        self.logits, self.normalized = logits, bool(normalized)
 
     def probs(self) -> np.ndarray:
-        z = self.logits - self.logits.max(axis=-1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=-1, keepdims=True)
+        """pi as an [S, A] array (log-softmax of the scores, or exp of the log-probabilities)."""
+        if self.normalized:
+            return np.exp(self.logits)
+        return torch.log_softmax(torch.from_numpy(self.logits), dim=-1).exp().numpy()
 
     def to_checkpoint(self) -> dict[str, Any]:
         return {"format": POLICY_FORMAT, "kind": self.kind, "logits": torch.from_numpy(self.logits.copy())}
 
     @classmethod
     def from_checkpoint(cls, obj: dict[str, Any]) -> "TabularSoftmaxPolicy":
-        return cls(obj["logits"].numpy())
-
-
+        """The stored scores, as normalised log-probabilities."""
+        logits = obj["logits"].numpy()
+        return cls(logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True), normalized=True)
 
 
 # --------------------------------------------------------------------------- neural policies

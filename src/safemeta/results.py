@@ -1,9 +1,11 @@
 """Result datasets (xarray) and their netCDF files.
 
 Meta-training trace (`metatrain/.../trace.nc`): dims iteration, task (evaluation tasks),
-constraint. Meta-test trace (`metatest/.../trace.nc`): dims task, step (k = 0 is the
-meta-policy), constraint. Variables carry `long_name` and `units`; datasets carry provenance
-attributes (config, seed, version, code hash). Files are written atomically.
+constraint. Meta-test trace (`metatest/.../trace.nc`) and single-task trace
+(`single/.../trace.nc`): dims task, step (k = 0 is the starting policy), constraint. Which
+variables a trace holds is declared by the algorithms that made it (`records.Var`); variables
+carry `long_name` and `units`; datasets carry provenance attributes (config, seed, version, code
+hash). Files are written atomically.
 Summary (`summary.nc`): every trace of a pipeline merged by `aggregate_traces`.
 """
 from __future__ import annotations
@@ -17,82 +19,52 @@ import numpy as np
 import xarray as xr
 
 from .atomic import atomic_path
-
-# name -> (dims after the leading one, long_name, units)
-METATRAIN_VARS: dict[str, tuple[tuple[str, ...], str, str]] = {
-    "reward": (("task",), "reward of the one-step adapted policy A^s(pi_phi)", "return"),
-    "cost": (("task", "constraint"), "cost of the one-step adapted policy A^s(pi_phi)", "cost"),
-    "meta_reward": (("task",), "reward of the meta-policy pi_phi", "return"),
-    "meta_cost": (("task", "constraint"), "cost of the meta-policy pi_phi", "cost"),
-    "u": (("task", "constraint"), "multipliers of the one-step adaptation", "1"),
-    "adapt_kl": (("task",), "E_nu KL(A^s(pi_phi) || pi_phi) of the one-step adaptation", "nats"),
-    "feasible": (("task",), "problem (1) of the one-step adaptation was feasible", "1"),
-    "batch_reward": ((), "mean reward of the adapted policies on the iteration's training tasks", "return"),
-    "batch_cost": (("constraint",), "max cost of the adapted policies on the iteration's training tasks", "cost"),
-    "batch_meta_reward": ((), "mean reward of the meta-policy on the iteration's training tasks", "return"),
-    "batch_meta_cost": (("constraint",), "max cost of the meta-policy on the iteration's training tasks", "cost"),
-    "batch_u": (("constraint",), "mean multipliers of the iteration's adaptations", "1"),
-    "batch_adapt_kl": ((), "mean E_nu KL(adapted || meta) of the iteration's adaptations", "nats"),
-    "n_violating": ((), "training tasks of the batch that took the cost-reduction step", "1"),
-    "step_accepted": ((), "the TRPO line search accepted a step", "1"),
-    "step_kl": ((), "mean KL of the accepted meta-step", "nats"),
-    "step_improvement": ((), "improvement of the batch objective by the meta-step", "return"),
-    "grad_norm": ((), "norm of the batch meta-gradient", "1"),
-    "time_sampling": ((), "wall time spent collecting samples", "s"),
-    "time_compute": ((), "wall time spent computing (adaptation, gradients, step)", "s"),
-}
-
-METATEST_VARS: dict[str, tuple[tuple[str, ...], str, str]] = {
-    "reward": (("step",), "reward of the exploration policy pi_[k]", "return"),
-    "cost": (("step", "constraint"), "cost of the exploration policy pi_[k]", "cost"),
-    "cost_se": (("step", "constraint"), "standard error of cost over the rollouts (0: exact)", "cost"),
-    "u": (("step", "constraint"), "multipliers of the adaptation that produced pi_[k] (NaN at k=0)", "1"),
-    "kl": (("step",), "E_nu KL(pi_[k] || pi_[k-1]) (NaN at k=0)", "nats"),
-    "feasible": (("step",), "problem (1) of the step was feasible", "1"),
-    "time": (("step",), "computation time of the adaptation that produced pi_[k] (0 at k=0)", "s"),
-    "time_sampling": (("step",), "time spent evaluating pi_[k] (rollouts, or exact solves on tabular)", "s"),
-}
+from .records import Var, fill
 
 TIMING_VARS = ("time", "time_sampling", "time_compute")
 
 
-def _fill(dims: tuple[str, ...], sizes: dict[str, int], value: Any) -> np.ndarray:
-    if value is None:
-        return np.full([sizes[d] for d in dims], np.nan)
-    return np.asarray(value, dtype=np.float64)
-
-
 def metatrain_dataset(records: list[dict[str, Any]], limits: np.ndarray, task_params: list[dict[str, Any]],
-                      attrs: dict[str, Any], return_kind: str) -> xr.Dataset:
-    """Stack per-iteration records into a dataset; a value a record lacks becomes NaN."""
-    unknown = {k for r in records for k in r} - set(METATRAIN_VARS) - {"iteration"}
+                      attrs: dict[str, Any], return_kind: str, variables: dict[str, Var]) -> xr.Dataset:
+    """Stack per-iteration records into a dataset (dims iteration, task, constraint).
+
+    `variables` declares every field a record may hold (the meta-learner's `trace_vars`); a
+    value a record lacks becomes NaN, a field nobody declared is an error.
+    """
+    unknown = {k for r in records for k in r} - set(variables) - {"iteration"}
     if unknown:
-        raise KeyError(f"meta-training records have unknown fields {sorted(unknown)}")
+        raise KeyError(f"meta-training records have undeclared fields {sorted(unknown)}")
     n_task, p = np.asarray(limits).shape
     sizes = {"task": n_task, "constraint": p}
     data = {}
-    for name, (dims, long_name, units) in METATRAIN_VARS.items():
+    for name, var in variables.items():
         if not any(name in r for r in records):
             continue
-        rows = [_fill(dims, sizes, r.get(name)) for r in records]
-        data[name] = (("iteration", *dims), np.stack(rows), {"long_name": long_name, "units": units})
+        rows = [fill(var, sizes, r.get(name)) for r in records]
+        data[name] = (("iteration", *var.dims), np.stack(rows), {"long_name": var.long_name, "units": var.units})
     ds = xr.Dataset(data, coords=_coords(records, n_task, p, task_params))
     ds["limit"] = (("task", "constraint"), np.asarray(limits, float), {"long_name": "cost limit d", "units": "cost"})
     ds.attrs.update(attrs, return_kind=return_kind)
     return ds
 
 
-def metatest_dataset(arrays: dict[str, np.ndarray], limits: np.ndarray, task_params: list[dict[str, Any]],
-                     attrs: dict[str, Any], return_kind: str) -> xr.Dataset:
+def sequence_dataset(arrays: dict[str, np.ndarray], limits: np.ndarray, task_params: list[dict[str, Any]],
+                     attrs: dict[str, Any], return_kind: str, variables: dict[str, Var]) -> xr.Dataset:
+    """Adaptation sequences of every task (dims task, step, constraint): a meta-test or a
+    single-task trace. `variables` are the loop's and the operator's (`evaluate.sequence_vars`)."""
     n_task, p = np.asarray(limits).shape
     steps = arrays["reward"].shape[1]
-    data = {name: (("task", *dims), np.asarray(arrays[name], dtype=np.float64), {"long_name": ln, "units": un})
-            for name, (dims, ln, un) in METATEST_VARS.items()}
+    data = {name: (("task", *var.dims), np.asarray(arrays[name], dtype=np.float64),
+                   {"long_name": var.long_name, "units": var.units})
+            for name, var in variables.items() if name in arrays}
     ds = xr.Dataset(data, coords={"task": np.arange(n_task), "step": np.arange(steps), "constraint": np.arange(p),
                                   "task_params": ("task", [json.dumps(t, sort_keys=True) for t in task_params])})
     ds["limit"] = (("task", "constraint"), np.asarray(limits, float), {"long_name": "cost limit d", "units": "cost"})
     ds.attrs.update(attrs, return_kind=return_kind)
     return ds
+
+
+metatest_dataset = sequence_dataset
 
 
 def _coords(records: list[dict[str, Any]], n_task: int, p: int, task_params: list[dict[str, Any]]) -> dict[str, Any]:
@@ -121,37 +93,45 @@ def without_timing(ds: xr.Dataset) -> xr.Dataset:
 
 
 # --------------------------------------------------------------------------- aggregation (summary.nc)
-STAGE_PREFIX = {"meta_train": "metatrain_", "meta_test": "metatest_"}
-LABEL_DIMS = ("scenario", "method", "seed")
+STAGE_PREFIX = {"meta_train": "metatrain_", "meta_test": "metatest_", "single_task": "single_"}
+# The dimension naming what made a trace: `method_name` (not `method`, a keyword of Dataset.sel),
+# `learner` for single-task traces; the provenance attribute that holds it.
+STAGE_LABEL = {"meta_train": ("method_name", "method"), "meta_test": ("method_name", "method"),
+               "single_task": ("learner", "learner")}
+STAGE_DIMS = {"single_task": {"step": "single_step"}}   # single-task steps are not meta-test steps
+LABEL_DIMS = ("scenario", "method_name", "learner", "seed")
 
 
 def _labels(ds: xr.Dataset, path: str) -> tuple[str, str, str, int]:
-    """(stage, scenario, method, seed) from a trace's provenance attributes."""
+    """(stage, scenario, method or learner, seed) from a trace's provenance attributes."""
     try:
-        labels = str(ds.attrs["stage"]), str(ds.attrs["scenario"]), str(ds.attrs["method"]), int(ds.attrs["seed"])
+        stage = str(ds.attrs["stage"])
+        if stage not in STAGE_PREFIX:
+            raise ValueError(f"trace {path} has stage {stage!r}; aggregate takes {', '.join(STAGE_PREFIX)}")
+        labels = stage, str(ds.attrs["scenario"]), str(ds.attrs[STAGE_LABEL[stage][1]]), int(ds.attrs["seed"])
     except KeyError as exc:
         raise ValueError(f"trace {path} lacks the provenance attribute {exc.args[0]!r}") from None
-    if labels[0] not in STAGE_PREFIX:
-        raise ValueError(f"trace {path} has stage {labels[0]!r}; aggregate takes {', '.join(STAGE_PREFIX)}")
     return labels
 
 
-def _source(path: str, ds: xr.Dataset, stage: str, scenario: str, method: str, seed: int) -> dict[str, Any]:
+def _source(path: str, ds: xr.Dataset, stage: str, scenario: str, label: str, seed: int) -> dict[str, Any]:
     """Provenance of one merged trace (its config as a hash: the trace file holds it in full)."""
-    return {"file": path, "stage": stage, "scenario": scenario, "method": method, "seed": seed,
+    return {"file": path, "stage": stage, "scenario": scenario, STAGE_LABEL[stage][1]: label, "seed": seed,
             "code_hash": ds.attrs.get("code_hash"), "safemeta_version": ds.attrs.get("safemeta_version"),
             "return_kind": ds.attrs.get("return_kind"),
             "config_sha256": hashlib.sha256(str(ds.attrs.get("config")).encode()).hexdigest()[:16]}
 
 
-def _labelled(ds: xr.Dataset, stage: str, scenario: str, method: str, seed: int) -> xr.Dataset:
-    """A trace's variables, prefixed by stage, with scenario/method/seed dims of length one."""
+def _labelled(ds: xr.Dataset, stage: str, scenario: str, label: str, seed: int) -> xr.Dataset:
+    """A trace's variables, prefixed by stage, with scenario / method_name (or learner) / seed
+    dims of length one."""
     data = ds.drop_vars(["limit", "task_params"])
     data = data.rename({name: STAGE_PREFIX[stage] + name for name in data.data_vars})
+    data = data.rename(STAGE_DIMS.get(stage, {}))
     for var in data.data_vars.values():
         var.attrs["long_name"] = f"{stage.replace('_', '-')}: {var.attrs.get('long_name', var.name)}"
     data.attrs = {}
-    return data.expand_dims(scenario=[scenario], method=[method], seed=[seed])
+    return data.expand_dims({"scenario": [scenario], STAGE_LABEL[stage][0]: [label], "seed": [seed]})
 
 
 def _task_params_table(entries: dict[tuple[str, int], np.ndarray], scenarios: list[str], seeds: list[int],
@@ -165,9 +145,10 @@ def _task_params_table(entries: dict[tuple[str, int], np.ndarray], scenarios: li
 def aggregate_traces(paths: list[str | Path]) -> xr.Dataset:
     """Merge meta-train and meta-test traces into one dataset (the pipeline's summary.nc).
 
-    Dims: scenario, method, seed (labels read from each trace's provenance attributes), then
+    Dims: scenario, method_name, seed (labels read from each trace's provenance attributes), then
     iteration (meta-train variables, prefixed `metatrain_`), step (meta-test, `metatest_`), task
-    and constraint. `limit` (d) has dims (scenario, seed, task, constraint); the coordinate
+    and constraint; single-task traces (`single_`) have learner in place of method_name and
+    single_step in place of step. `limit` (d) has dims (scenario, seed, task, constraint); the coordinate
     `task_params` holds each task's parameters as JSON. Scenarios may differ in their numbers of
     tasks, iterations, steps and constraints: the merge is an outer join and pads with NaN (and
     "" in `task_params`); the `padding` attribute says which sizes each scenario really has.
@@ -199,12 +180,13 @@ def aggregate_traces(paths: list[str | Path]) -> xr.Dataset:
             task_params[key] = ds["task_params"].values
         per_scenario = sizes.setdefault(scenario, {})
         for dim, n in ds.sizes.items():
+            dim = STAGE_DIMS.get(stage, {}).get(dim, dim)
             per_scenario[dim] = max(n, per_scenario.get(dim, 0))
         parts.append(_labelled(ds, *labels))
     for (scenario, seed), (_, limit) in limits.items():
         parts.append(limit.drop_vars("task_params").expand_dims(scenario=[scenario], seed=[seed]).to_dataset())
     summary = xr.merge(parts, join="outer", compat="no_conflicts", combine_attrs="override")
-    summary = summary.transpose(*LABEL_DIMS, ...)
+    summary = summary.transpose(*LABEL_DIMS, ..., missing_dims="ignore")
     scenarios, seeds = [str(s) for s in summary.scenario.values], [int(s) for s in summary.seed.values]
     table = _task_params_table(task_params, scenarios, seeds, summary.sizes["task"])
     summary = summary.assign_coords(task_params=(("scenario", "seed", "task"), table,

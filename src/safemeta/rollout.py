@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 
 from .policies import NeuralPolicy
@@ -133,3 +135,27 @@ def collect(env, policy: NeuralPolicy, generator: torch.Generator, gamma: float,
         stacked[key] = stacked[key].to(stacked["obs"].dtype)
     return Batch(**stacked, gamma=float(gamma), constraint_gamma=float(constraint_gamma),
                  sampling_time=time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------- seeded sampling of one policy
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How a policy is evaluated on a task: rollouts per policy and the discounts (App. D.2).
+    Values come from the scenario's config block (`rollouts`, `gamma`, `constraint_gamma`)."""
+
+    rollouts: int
+    gamma: float
+    constraint_gamma: float
+
+
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed determined by the integers given (seed, iteration, task, purpose, ...)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+
+
+def rollout_policy(dist: Any, task: Any, policy: NeuralPolicy, sampling: SamplingSettings, seed: int,
+                   device: Any = "cpu") -> Batch:
+    """`sampling.rollouts` episodes of `policy` on `task` of distribution `dist`, all draws from `seed`."""
+    env = dist.make_env(task, sampling.rollouts, derived_seed(seed, 0), device)
+    generator = torch.Generator(device="cpu").manual_seed(derived_seed(seed, 1))
+    return collect(env, policy, generator, sampling.gamma, sampling.constraint_gamma)

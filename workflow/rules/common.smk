@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from safemeta.config import ConfigError, canonical_json, stage_config, validate_config
+from safemeta.plugins import grid
 
 # Validate against workflow/schemas/config.schema.yaml (a link to the package's schema, the one
 # schema of the project), fill defaults, reject unknown keys and names; one line on error.
@@ -14,9 +15,6 @@ try:
 except ConfigError as exc:
     sys.exit(f"safemeta: config error: {exc}")
 
-SCENARIOS = list(config["scenarios"])
-METHODS = list(config["methods"])
-LEARNERS = list(config["learners"])
 SEEDS = config["seeds"]
 SOFTWARE_ENV = "../../environment.yml"  # for --sdm conda; relative to the rule files
 
@@ -40,16 +38,19 @@ def stage_json(stage, wildcards):
 
 
 # ----------------------------------------------------------------------------- targets
+# A method or learner runs on every scenario, or on those its `scenarios` list names.
+def _traces(stage, section):
+    return [f"results/{stage}/{scenario}/{label}/seed{seed}/trace.nc" for scenario, label in grid(config, section)
+            for seed in SEEDS]
+
+
 def metatrain_traces():
-    return expand("results/metatrain/{scenario}/{method}/seed{seed}/trace.nc", scenario=SCENARIOS,
-                  method=METHODS, seed=SEEDS)
+    return _traces("metatrain", "methods")
 
 
 def metatest_traces():
-    return expand("results/metatest/{scenario}/{method}/seed{seed}/trace.nc", scenario=SCENARIOS,
-                  method=METHODS, seed=SEEDS)
+    return _traces("metatest", "methods")
 
 
 def single_task_traces():
-    return expand("results/single/{scenario}/{learner}/seed{seed}/trace.nc", scenario=SCENARIOS,
-                  learner=LEARNERS, seed=SEEDS)
+    return _traces("single", "learners")

@@ -7,7 +7,7 @@ rule meta_test:
         trace="results/metatest/{scenario}/{method}/seed{seed}/trace.nc",
     params:
         config=lambda wc: stage_json("meta_test", wc),
-        code=lambda wc: stage_code_hash("meta_test", wc.scenario),
+        code=lambda wc: stage_code_hash("meta_test", wc),
     log:
         "logs/meta_test/{scenario}/{method}/seed{seed}.log",
     benchmark:

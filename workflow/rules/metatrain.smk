@@ -11,7 +11,7 @@ rule meta_train:
         trace="results/metatrain/{scenario}/{method}/seed{seed}/trace.nc",
     params:
         config=lambda wc: stage_json("meta_train", wc),
-        code=lambda wc: stage_code_hash("meta_train", wc.scenario),
+        code=lambda wc: stage_code_hash("meta_train", wc),
         checkpoint=lambda wc: f"results/checkpoints/{wc.scenario}/{wc.method}/seed{wc.seed}.pt",
         out_dir=lambda wc, output: os.path.dirname(output.policy),
     log:

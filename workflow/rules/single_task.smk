@@ -1,16 +1,13 @@
 rule single_task:
-    """Train a single-task learner (CVPO, CGPO) from scratch on a scenario's test tasks.
-
-    Jobs exist only for learners configured under `learners`; none is implemented yet, so the
-    rule has no jobs until the learners' issue adds them (and the `safemeta single-task` command).
-    """
+    """Train a single-task learner from scratch on a scenario's test tasks (`learners:` in the
+    config): its adaptation operator repeated from a fresh policy, recorded as a meta-test is."""
     input:
         tasks="results/tasks/{scenario}/seed{seed}.json",
     output:
         trace="results/single/{scenario}/{learner}/seed{seed}/trace.nc",
     params:
         config=lambda wc: stage_json("single_task", wc),
-        code=lambda wc: stage_code_hash("single_task", wc.scenario),
+        code=lambda wc: stage_code_hash("single_task", wc),
     log:
         "logs/single_task/{scenario}/{learner}/seed{seed}.log",
     benchmark:
@@ -25,4 +22,4 @@ rule single_task:
     shell:
         "safemeta single-task --config {params.config:q} --scenario {wildcards.scenario}"
         " --learner {wildcards.learner} --seed {wildcards.seed} --tasks {input.tasks}"
-        " --out {output.trace} > {log} 2>&1"
+        " --out {output.trace} --threads {threads} > {log} 2>&1"

@@ -1,8 +1,9 @@
 rule aggregate:
-    """Merge every meta-train and meta-test trace into results/summary.nc."""
+    """Merge every meta-train, meta-test and single-task trace into results/summary.nc."""
     input:
         metatrain=metatrain_traces(),
         metatest=metatest_traces(),
+        single=single_task_traces(),
     output:
         "results/summary.nc",
     params:
@@ -19,7 +20,7 @@ rule aggregate:
     conda:
         SOFTWARE_ENV
     shell:
-        "safemeta aggregate {input.metatrain} {input.metatest} --out {output} > {log} 2>&1"
+        "safemeta aggregate {input.metatrain} {input.metatest} {input.single} --out {output} > {log} 2>&1"
 
 
 rule plot:

@@ -4,7 +4,7 @@ rule sample_tasks:
         "results/tasks/{scenario}/seed{seed}.json",
     params:
         config=lambda wc: stage_json("tasks", wc),
-        code=lambda wc: stage_code_hash("tasks", wc.scenario),
+        code=lambda wc: stage_code_hash("tasks", wc),
     log:
         "logs/sample_tasks/{scenario}/seed{seed}.log",
     benchmark:

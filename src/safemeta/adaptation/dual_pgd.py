@@ -27,13 +27,16 @@ u_max closed form, which tends to the minimiser of the violated constraint's sur
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import numpy as np
 import torch
 
-from ..tasks.tabular import Evaluation, TabularCMDP, evaluate_torch
+from ..records import Var
+from ..tasks.tabular import Evaluation, TabularCMDP, evaluate, evaluate_torch
+from .base import AdaptationOperator, Observation, Step
 
 if TYPE_CHECKING:
     from ..policies import NeuralPolicy
@@ -149,6 +152,24 @@ def as_vector(value: float | list[float] | np.ndarray, p: int, name: str) -> np.
     return arr
 
 
+@dataclass(frozen=True)
+class ExactAdaptationSettings:
+    """Options of the exact A^s (schema block `operator_dual_pgd`): the paper's Table 2 row
+    (lam, lam_c, delta) and the dual solver's stopping rule."""
+
+    block: ClassVar[str] = "operator_dual_pgd"
+
+    lam: float
+    lam_c: float | list[float]
+    delta: float | list[float]
+    dual_tol: float
+    dual_max_iter: int
+
+    def adapt(self, cmdp: TabularCMDP, logits: np.ndarray, delta: float | list[float] | None = None) -> AdaptResult:
+        return adapt_tabular(cmdp, logits, self.lam, self.lam_c, self.delta if delta is None else delta,
+                             tol=self.dual_tol, max_iter=self.dual_max_iter)
+
+
 def adapt_tabular(cmdp: TabularCMDP, logits: np.ndarray, lam: float, lam_c: float | np.ndarray,
                   delta: float | np.ndarray = 0.0, *, tol: float = 1e-10, max_iter: int = 5000,
                   u_max: float = 1e8) -> AdaptResult:
@@ -186,7 +207,8 @@ def adapt_tabular(cmdp: TabularCMDP, logits: np.ndarray, lam: float, lam_c: floa
 # --------------------------------------------------------------------------- sampled A^s (Alg. 3)
 @dataclass(frozen=True)
 class SampledAdaptationSettings:
-    """Hyper-parameters of the sampled A^s. lam, lam_c, delta: the paper's Table 2 row.
+    """Options of the sampled A^s (schema block `operator_dual_pgd`). lam, lam_c, delta: the
+    paper's Table 2 row.
 
     normalize_advantages: divide the advantages of the closed form by the reward advantages'
     standard deviation, so lam, lam_c are in those units (Table 2's values then give KLs of the
@@ -195,16 +217,18 @@ class SampledAdaptationSettings:
     policy's KL to pi_phi is about kl_target (App. D.4 tunes them by hand to about 0.03).
     """
 
-    lam: float = 1.0
-    lam_c: float | list[float] = 1.0
-    delta: float | list[float] = 0.0
-    dual_tol: float = 1e-6
-    dual_max_iter: int = 1000
-    cg_iters: int = 10
-    cg_damping: float = 1e-2
-    fit_steps: int = 0
-    normalize_advantages: bool = True
-    kl_target: float | None = None
+    block: ClassVar[str] = "operator_dual_pgd"
+
+    lam: float
+    lam_c: float | list[float]
+    delta: float | list[float]
+    dual_tol: float
+    dual_max_iter: int
+    cg_iters: int
+    cg_damping: float
+    fit_steps: int
+    normalize_advantages: bool
+    kl_target: float | None
 
 
 @dataclass
@@ -373,3 +397,61 @@ def _fit_e22(adapted: "NeuralPolicy", obs: torch.Tensor, actions: torch.Tensor, 
         else:
             break  # no decrease along the natural direction: converged as far as this goes
     return start, current
+
+
+# --------------------------------------------------------------------------- the operators
+FEASIBLE = Var((), "problem (1) of the step was feasible", "1", initial=1.0)
+
+
+class ExactDualPGD(AdaptationOperator):
+    """A^s on a tabular CMDP with exact advantages (Alg. 1); observation = exact evaluation."""
+
+    name = "dual_pgd"
+    kinds = ("exact",)
+    Settings = ExactAdaptationSettings
+    step_vars = {"feasible": FEASIBLE}
+
+    def start(self, task, policy, seed):
+        state = super().start(task, policy, seed)
+        state.cmdp = self._cmdp(task)
+        return state
+
+    def _cmdp(self, task):
+        """The task's CMDP, built once per task object (meta-training evaluates the same tasks often)."""
+        cache = self.__dict__.setdefault("_cmdps", {})
+        if id(task) not in cache:
+            cache[id(task)] = (task, self.scenario.distribution.cmdp(task))   # the task is kept alive
+        return cache[id(task)][1]
+
+    def return_kind(self) -> str:
+        return "exact expected discounted return from rho (tabular, no sampling)"
+
+    def observe(self, state, policy, seed: int) -> Observation:
+        t0 = time.perf_counter()
+        ev = evaluate(state.cmdp, policy.probs())
+        return Observation(ev.J, ev.Jc, np.zeros_like(ev.Jc), time.perf_counter() - t0, 0, ev)
+
+    def step(self, state, policy, observation: Observation) -> Step:
+        from ..policies import TabularSoftmaxPolicy
+
+        res = self.settings.adapt(state.cmdp, policy.logits)
+        return Step(TabularSoftmaxPolicy(res.logits, normalized=True), res.u, res.kl, {"feasible": res.feasible}, res)
+
+
+class SampledDualPGD(AdaptationOperator):
+    """A^s from one batch of the current policy's rollouts (Alg. 3, `adapt_sampled`)."""
+
+    name = "dual_pgd"
+    kinds = ("sampled",)
+    Settings = SampledAdaptationSettings
+    step_vars = {"feasible": FEASIBLE}
+
+    def observe(self, state, policy, seed: int) -> Observation:
+        batch = self.scenario.rollout(state.task, policy, seed)
+        return Observation(float(batch.episode_reward.mean()), batch.constraint_value.double().cpu().numpy(),
+                           batch.constraint_value_se.double().cpu().numpy(), batch.sampling_time,
+                           int(batch.alive.sum()), batch)
+
+    def step(self, state, policy, observation: Observation) -> Step:
+        res = adapt_sampled(policy, observation.data, state.limits, self.settings)
+        return Step(res.policy, res.u, res.kl, {"feasible": res.feasible}, res)

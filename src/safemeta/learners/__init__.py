@@ -1,0 +1,10 @@
+"""Single-task learners by name (the `algorithm` of a `learners.NAME` block of the config).
+
+Each name maps to its implementation classes ("module:Class", modules relative to this package);
+see `base.py` for the protocol.
+"""
+from ..registry import Registry
+
+LEARNERS = Registry(__name__, "single-task learner", {
+    "dual_pgd": ("dual_pgd:DualPGDFromScratch",),   # the paper's A^s iterated from a fresh policy
+})

@@ -25,38 +25,37 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
 
-from ..adaptation.dual_pgd import SampledAdaptationSettings, adapt_sampled, as_vector
+from ..adaptation.dual_pgd import as_vector
 from ..optim import fisher_vector_product, flat_grad, trpo_step
 from ..policies import NeuralPolicy, policy_from_checkpoint
-from ..rollout import Batch, collect, time_baseline
-from ..tasks import Task, TaskDistribution
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How a policy is evaluated on a task: rollouts per policy and the discounts (App. D.2)."""
-
-    rollouts: int = 10
-    gamma: float = 0.99
-    constraint_gamma: float = 1.0
+from ..records import Var
+from ..rollout import Batch, derived_seed, time_baseline
+from .base import N_VIOLATING, TRPO_STEP_VARS, MetaLearner, evaluate_one_step
 
 
 @dataclass(frozen=True)
 class SampledMetaTrainSettings:
-    iterations: int = 300
-    tasks_per_iteration: int = 10
-    switch: str = "any"
-    max_kl: float = 1e-3
-    cg_iters: int = 10
-    cg_damping: float = 0.1
-    backtrack_steps: int = 10
-    eval_every: int = 10
-    kl_limit: float = 10.0
+    """Options of Alg. 4: `methods.NAME.meta_gradient` and the `metatrain` keys it reads."""
+
+    block: ClassVar[str] = "method_safemeta"
+    sections: ClassVar[tuple[str, ...]] = ("metatrain",)
+
+    meta_gradient: str
+    iterations: int
+    tasks_per_iteration: int
+    switch: str
+    max_kl: float
+    cg_iters: int
+    cg_damping: float
+    backtrack_steps: int
+    eval_every: int
+    eval_tasks: int | None
+    kl_limit: float
 
 
 @dataclass
@@ -64,19 +63,6 @@ class SampledMetaTrainState:
     iteration: int
     policy: dict[str, Any]                     # checkpoint dict of the meta-policy
     records: list[dict[str, Any]] = field(default_factory=list)
-
-
-def derived_seed(*keys: int) -> int:
-    """A 63-bit seed determined by the integers given (seed, iteration, task, purpose, ...)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
-
-
-def rollout_policy(dist: TaskDistribution, task: Task, policy: NeuralPolicy, sampling: SamplingSettings,
-                   seed: int, device: Any = "cpu") -> Batch:
-    """`sampling.rollouts` episodes of `policy` on `task`, all draws from `seed`."""
-    env = dist.make_env(task, sampling.rollouts, derived_seed(seed, 0), device)
-    generator = torch.Generator(device="cpu").manual_seed(derived_seed(seed, 1))
-    return collect(env, policy, generator, sampling.gamma, sampling.constraint_gamma)
 
 
 # --------------------------------------------------------------------------- per-task directions
@@ -119,28 +105,64 @@ def cost_surrogate(meta: NeuralPolicy, batch: Batch, i: int) -> Callable[[dict |
 
 
 # --------------------------------------------------------------------------- Alg. 4
-def meta_train_sampled(dist: TaskDistribution, train: list[Task], evaluation: list[Task], state: SampledMetaTrainState,
-                       settings: SampledMetaTrainSettings, adaptation: SampledAdaptationSettings,
-                       sampling: SamplingSettings, seed: int, device: Any = "cpu",
-                       on_iteration: Callable[[SampledMetaTrainState], None] | None = None) -> SampledMetaTrainState:
-    """Run Alg. 4 from `state` until `settings.iterations`; records as in the exact version."""
-    meta = policy_from_checkpoint(state.policy).to(device)
-    limits = [np.asarray(t.params["d"], dtype=np.float64) for t in train]
-    for n in range(state.iteration, settings.iterations + 1):
+BATCH_VARS: dict[str, Var] = {
+    "batch_reward": Var((), "mean reward of the adapted policies on the iteration's training tasks", "return"),
+    "batch_cost": Var(("constraint",), "max cost of the adapted policies on the iteration's training tasks", "cost"),
+    "batch_meta_reward": Var((), "mean reward of the meta-policy on the iteration's training tasks", "return"),
+    "batch_meta_cost": Var(("constraint",), "max cost of the meta-policy on the iteration's training tasks", "cost"),
+    "batch_u": Var(("constraint",), "mean multipliers of the iteration's adaptations", "1"),
+    "batch_adapt_kl": Var((), "mean E_nu KL(adapted || meta) of the iteration's adaptations", "nats"),
+}
+
+
+class SampledSafeMeta(MetaLearner):
+    """Alg. 4 (module docstring); the adaptations are the sampled A^s operator's steps.
+
+    Records as the exact version; the evaluation variables are NaN between evaluations
+    (`eval_every`), and `batch_*` describe the iteration's training tasks.
+    """
+
+    name = "safemeta"
+    kinds = ("sampled",)
+    operator = "dual_pgd"
+    Settings = SampledMetaTrainSettings
+    State = SampledMetaTrainState
+    record_vars = {**BATCH_VARS, "n_violating": N_VIOLATING, **TRPO_STEP_VARS}
+
+    @classmethod
+    def check_options(cls, settings: SampledMetaTrainSettings) -> None:
+        if settings.meta_gradient != "first_order":
+            raise ValueError(f"meta_gradient {settings.meta_gradient!r} is not available on sampled scenarios "
+                             f"(available: first_order, Alg. 4 line 7)")
+
+    def initial_state(self) -> SampledMetaTrainState:
+        """A freshly initialised meta-policy (weights from a generator of the seed)."""
+        policy = self.scenario.fresh_policy(self.train_tasks[0], self.seed, "sampled")
+        return SampledMetaTrainState(0, policy.to_checkpoint())
+
+    def policy(self, state: SampledMetaTrainState) -> NeuralPolicy:
+        return policy_from_checkpoint(state.policy)
+
+    def iteration(self, state: SampledMetaTrainState) -> None:
+        settings, adapt, seed = self.settings, self.adapt, self.seed
+        meta = policy_from_checkpoint(state.policy).to(self.scenario.device)
+        n = state.iteration
         record: dict[str, Any] = {"iteration": n}
         t_sampling = 0.0
         start = time.perf_counter()
         if n % settings.eval_every == 0 or n == settings.iterations:
-            evaluation_record, t_eval = evaluate_one_step(dist, evaluation, meta, adaptation, sampling,
-                                                          derived_seed(seed, n, 7), device)
-            record.update(evaluation_record)
+            eval_seed = derived_seed(seed, n, 7)
+            evaluation, t_eval = evaluate_one_step(adapt, self.evaluation, meta,
+                                                   lambda j, k: derived_seed(eval_seed, j, k))
+            record.update(evaluation)
             t_sampling += t_eval
         if n == settings.iterations:
             record["time_sampling"], record["time_compute"] = t_sampling, time.perf_counter() - start - t_sampling
             state.records.append(record)
             state.iteration = n + 1
-            break
+            return
 
+        train = self.train_tasks
         rng = np.random.default_rng(derived_seed(seed, n, 3))
         batch_ids = rng.choice(len(train), size=settings.tasks_per_iteration,
                                replace=settings.tasks_per_iteration > len(train))
@@ -148,24 +170,25 @@ def meta_train_sampled(dist: TaskDistribution, train: list[Task], evaluation: li
         batch_stats: dict[str, list] = {k: [] for k in ("reward", "cost", "meta_reward", "meta_cost", "u", "kl")}
         for j, k in enumerate(batch_ids):
             task_seed = derived_seed(seed, n, 5, j)
-            meta_batch = rollout_policy(dist, train[k], meta, sampling, derived_seed(task_seed, 0), device)
-            t_sampling += meta_batch.sampling_time
-            J_c = meta_batch.constraint_value.double().cpu().numpy()
-            batch_stats["meta_reward"].append(float(meta_batch.episode_reward.mean()))
+            on_task = adapt.start(train[k], meta, task_seed)
+            meta_obs = adapt.observe(on_task, meta, derived_seed(task_seed, 0))             # line 3
+            t_sampling += meta_obs.time_sampling
+            J_c = meta_obs.cost
+            batch_stats["meta_reward"].append(meta_obs.reward)
             batch_stats["meta_cost"].append(J_c)
-            violation = J_c - limits[k] - as_vector(adaptation.delta, len(J_c), "delta")
+            violation = J_c - on_task.limits - as_vector(adapt.settings.delta, len(J_c), "delta")
             if (violation <= 0).all():                                                     # line 4
-                res = adapt_sampled(meta, meta_batch, limits[k], adaptation)                 # line 5
+                res = adapt.step(on_task, meta, meta_obs).result                               # line 5
                 _check(n, "adaptation KL", res.kl, settings.kl_limit, k)
-                adapted_batch = rollout_policy(dist, train[k], res.policy, sampling, derived_seed(task_seed, 1), device)
-                t_sampling += adapted_batch.sampling_time                                   # line 6
-                entries.append(("meta", meta_gradient_surrogate(meta, res.policy, adapted_batch), meta_batch))
-                batch_stats["reward"].append(float(adapted_batch.episode_reward.mean()))
-                batch_stats["cost"].append(adapted_batch.constraint_value.double().cpu().numpy())
+                adapted_obs = adapt.observe(on_task, res.policy, derived_seed(task_seed, 1))  # line 6
+                t_sampling += adapted_obs.time_sampling
+                entries.append(("meta", meta_gradient_surrogate(meta, res.policy, adapted_obs.data), meta_obs.data))
+                batch_stats["reward"].append(adapted_obs.reward)
+                batch_stats["cost"].append(adapted_obs.cost)
                 batch_stats["u"].append(res.u)
                 batch_stats["kl"].append(res.kl)
-            else:
-                entries.append(("cost", cost_surrogate(meta, meta_batch, int(np.argmax(violation))), meta_batch))  # 10-11
+            else:                                                                          # lines 10-11
+                entries.append(("cost", cost_surrogate(meta, meta_obs.data, int(np.argmax(violation))), meta_obs.data))
         n_violating = sum(e[0] == "cost" for e in entries)
         if settings.switch == "any" and n_violating:
             entries = [e for e in entries if e[0] == "cost"]
@@ -175,10 +198,6 @@ def meta_train_sampled(dist: TaskDistribution, train: list[Task], evaluation: li
         record["time_sampling"], record["time_compute"] = t_sampling, time.perf_counter() - start - t_sampling
         state.records.append(record)
         state.iteration, state.policy = n + 1, meta.to_checkpoint()
-        if on_iteration is not None:
-            on_iteration(state)
-    state.policy = meta.to_checkpoint()
-    return state
 
 
 def _trpo_meta_step(meta: NeuralPolicy, entries: list, settings: SampledMetaTrainSettings, n: int):
@@ -228,36 +247,3 @@ def _batch_record(stats: dict[str, list]) -> dict[str, Any]:
         "batch_u": np.mean(stats["u"], axis=0) if stats["u"] else nan_p,
         "batch_adapt_kl": float(np.mean(stats["kl"])) if stats["kl"] else np.nan,
     }
-
-
-def evaluate_one_step(dist: TaskDistribution, tasks: list[Task], meta: NeuralPolicy, adaptation: SampledAdaptationSettings,
-                      sampling: SamplingSettings, seed: int, device: Any = "cpu") -> tuple[dict[str, np.ndarray], float]:
-    """Meta-policy and one-step adapted policy on each evaluation task (Fig. 1 columns 1-2)."""
-    out: dict[str, list] = {k: [] for k in ("meta_reward", "meta_cost", "reward", "cost", "u", "adapt_kl", "feasible")}
-    t_sampling = 0.0
-    for j, task in enumerate(tasks):
-        d = np.asarray(task.params["d"], dtype=np.float64)
-        meta_batch = rollout_policy(dist, task, meta, sampling, derived_seed(seed, j, 0), device)
-        res = adapt_sampled(meta, meta_batch, d, adaptation)
-        adapted_batch = rollout_policy(dist, task, res.policy, sampling, derived_seed(seed, j, 1), device)
-        t_sampling += meta_batch.sampling_time + adapted_batch.sampling_time
-        out["meta_reward"].append(float(meta_batch.episode_reward.mean()))
-        out["meta_cost"].append(meta_batch.constraint_value.double().cpu().numpy())
-        out["reward"].append(float(adapted_batch.episode_reward.mean()))
-        out["cost"].append(adapted_batch.constraint_value.double().cpu().numpy())
-        out["u"].append(res.u)
-        out["adapt_kl"].append(res.kl)
-        out["feasible"].append(res.feasible)
-    return {k: np.asarray(v) for k, v in out.items()}, t_sampling
-
-
-def initial_sampled_state(dist: TaskDistribution, task: Task, policy_options: dict[str, Any], seed: int) -> SampledMetaTrainState:
-    """A freshly initialised meta-policy (weights from a generator of `seed`) for the task's spaces."""
-    from ..policies import policy_for
-
-    env = dist.make_env(task, 1, derived_seed(seed, 10), "cpu")
-    with torch.random.fork_rng():
-        torch.manual_seed(derived_seed(seed, 11))
-        policy = policy_for(env.observation_space, env.action_space, tuple(policy_options.get("hidden", (64, 64))),
-                            policy_options.get("init_log_std", -0.5))
-    return SampledMetaTrainState(0, policy.to_checkpoint())

@@ -38,31 +38,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
 
-from ..adaptation.dual_pgd import AdaptResult, adapt_tabular, adapted_logits, as_vector, dual_gradient
+from ..adaptation.dual_pgd import AdaptResult, ExactAdaptationSettings, adapted_logits, as_vector, dual_gradient
 from ..optim import trpo_step
+from ..policies import TabularSoftmaxPolicy
 from ..tasks.tabular import TabularCMDP, evaluate, evaluate_torch
+from .base import N_VIOLATING, TRPO_STEP_VARS, MetaLearner, evaluate_one_step
 
 META_GRADIENTS = ("eq6", "full", "first_order")
-
-
-@dataclass(frozen=True)
-class AdaptationSettings:
-    """Hyper-parameters of A^s (the paper's Table 2 row) and the dual solver."""
-
-    lam: float = 1.0
-    lam_c: float | list[float] = 1.0
-    delta: float | list[float] = 0.0
-    dual_tol: float = 1e-10
-    dual_max_iter: int = 5000
-
-    def adapt(self, cmdp: TabularCMDP, logits: np.ndarray, delta: float | list[float] | None = None) -> AdaptResult:
-        return adapt_tabular(cmdp, logits, self.lam, self.lam_c, self.delta if delta is None else delta,
-                             tol=self.dual_tol, max_iter=self.dual_max_iter)
+AdaptationSettings = ExactAdaptationSettings
 
 
 @dataclass
@@ -72,7 +60,7 @@ class MetaGradient:
     adapt: AdaptResult
 
 
-def meta_gradient(cmdp: TabularCMDP, logits: np.ndarray, adaptation: AdaptationSettings,
+def meta_gradient(cmdp: TabularCMDP, logits: np.ndarray, adaptation: ExactAdaptationSettings,
                   kind: str = "eq6") -> MetaGradient:
     """Meta-gradient of J_tau(A^s(pi_phi)) w.r.t. the logits phi, of the given kind (module doc)."""
     if kind not in META_GRADIENTS:
@@ -139,14 +127,20 @@ def mean_kl(old_probs: np.ndarray, weights: np.ndarray, new_logits: np.ndarray) 
 # --------------------------------------------------------------------------- meta-training
 @dataclass(frozen=True)
 class MetaTrainSettings:
-    iterations: int = 50
-    tasks_per_iteration: int = 5
-    meta_gradient: str = "eq6"
-    switch: str = "any"
-    max_kl: float = 0.01
-    cg_iters: int = 20
-    cg_damping: float = 1e-3
-    backtrack_steps: int = 10
+    """Options of exact Alg. 2: `methods.NAME.meta_gradient` and the `metatrain` keys it reads."""
+
+    block: ClassVar[str] = "method_safemeta"
+    sections: ClassVar[tuple[str, ...]] = ("metatrain",)
+
+    meta_gradient: str
+    iterations: int
+    tasks_per_iteration: int
+    switch: str
+    max_kl: float
+    cg_iters: int
+    cg_damping: float
+    backtrack_steps: int
+    eval_tasks: int | None
 
 
 @dataclass
@@ -159,49 +153,47 @@ class MetaTrainState:
     records: list[dict[str, Any]] = field(default_factory=list)
 
 
-def initial_state(num_states: int, num_actions: int, seed: int) -> MetaTrainState:
-    """Uniform meta-policy (phi = 0) and the batch-sampling generator of this seed."""
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 2]))
-    return MetaTrainState(0, np.zeros((num_states, num_actions)), rng.bit_generator.state)
-
-
-def evaluate_meta_policy(cmdps: list[TabularCMDP], logits: np.ndarray, adaptation: AdaptationSettings) -> dict[str, np.ndarray]:
-    """Exact reward/cost of the meta-policy and of its one-step adaptation on each task."""
-    out: dict[str, list] = {k: [] for k in ("meta_reward", "meta_cost", "reward", "cost", "u", "adapt_kl", "feasible")}
-    for cmdp in cmdps:
-        res = adaptation.adapt(cmdp, logits)
-        adapted = evaluate(cmdp, np.exp(res.logits))
-        out["meta_reward"].append(res.meta_eval.J)
-        out["meta_cost"].append(res.meta_eval.Jc)
-        out["reward"].append(adapted.J)
-        out["cost"].append(adapted.Jc)
-        out["u"].append(res.u)
-        out["adapt_kl"].append(res.kl)
-        out["feasible"].append(res.feasible)
-    return {k: np.asarray(v) for k, v in out.items()}
-
-
-def meta_train_exact(train: list[TabularCMDP], evaluation: list[TabularCMDP], settings: MetaTrainSettings,
-                     adaptation: AdaptationSettings, state: MetaTrainState,
-                     on_iteration: Callable[[MetaTrainState], None] | None = None) -> MetaTrainState:
-    """Run Alg. 2 from `state` until `settings.iterations`; returns the final state.
+class ExactSafeMeta(MetaLearner):
+    """Alg. 2 on tabular CMDPs with exact values (module docstring).
 
     records[n] holds the exact evaluation of phi_n on the evaluation tasks (meta-policy and
     one-step adapted policy) and the statistics of the step taken from phi_n; a last record
     (n = iterations) holds the evaluation of the final meta-policy only.
     """
-    rng = np.random.default_rng()
-    rng.bit_generator.state = state.rng_state
-    logits = state.logits.copy()
-    delta_of = [as_vector(adaptation.delta, m.num_constraints, "delta") for m in train]
-    for n in range(state.iteration, settings.iterations + 1):
+
+    name = "safemeta"
+    kinds = ("exact",)
+    operator = "dual_pgd"
+    Settings = MetaTrainSettings
+    State = MetaTrainState
+    record_vars = {"n_violating": N_VIOLATING, **TRPO_STEP_VARS}
+
+    def __init__(self, scenario, operator, settings, train, evaluation, seed):
+        super().__init__(scenario, operator, settings, train, evaluation, seed)
+        self.train_cmdps = [scenario.distribution.cmdp(t) for t in train]
+
+    def initial_state(self) -> MetaTrainState:
+        """Uniform meta-policy (phi = 0) and the batch-sampling generator of this seed."""
+        m = self.train_cmdps[0]
+        return initial_state(m.num_states, m.num_actions, self.seed)
+
+    def policy(self, state: MetaTrainState) -> TabularSoftmaxPolicy:
+        return TabularSoftmaxPolicy(state.logits)
+
+    def iteration(self, state: MetaTrainState) -> None:
+        settings, adaptation, train = self.settings, self.adapt.settings, self.train_cmdps
+        n = state.iteration
         t0 = time.perf_counter()
-        record: dict[str, Any] = {"iteration": n, **evaluate_meta_policy(evaluation, logits, adaptation)}
+        logits = state.logits
+        evaluation, _ = evaluate_one_step(self.adapt, self.evaluation, TabularSoftmaxPolicy(logits), lambda j, k: 0)
+        record: dict[str, Any] = {"iteration": n, **evaluation}
         if n == settings.iterations:
             record["time_compute"] = time.perf_counter() - t0
             state.records.append(record)
             state.iteration = n + 1  # finished: a second call adds nothing
-            break
+            return
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state.rng_state
         batch = rng.choice(len(train), size=settings.tasks_per_iteration,
                            replace=settings.tasks_per_iteration > len(train))
         probs = np.exp(logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True))
@@ -210,7 +202,7 @@ def meta_train_exact(train: list[TabularCMDP], evaluation: list[TabularCMDP], se
             cmdp = train[k]
             ev = evaluate(cmdp, probs)
             nus.append(ev.nu)
-            violation = ev.Jc - cmdp.d - delta_of[k]
+            violation = ev.Jc - cmdp.d - as_vector(adaptation.delta, cmdp.num_constraints, "delta")
             if (violation <= 0).all():                                     # line 4
                 g = meta_gradient(cmdp, logits, adaptation, settings.meta_gradient)
                 grads.append(g.grad)                                       # line 7
@@ -243,13 +235,15 @@ def meta_train_exact(train: list[TabularCMDP], evaluation: list[TabularCMDP], se
                          lambda flat: mean_kl(probs, weights, flat.reshape(logits.shape).numpy()),
                          settings.max_kl, cg_iters=settings.cg_iters, damping=settings.cg_damping,
                          backtrack_steps=settings.backtrack_steps)                  # lines 8 / 12
-        logits = step.params.reshape(logits.shape).numpy().copy()
         record.update(n_violating=sum(b[0] == "cost" for b in branches), step_accepted=step.accepted,
                       step_kl=step.kl, step_improvement=step.improvement, grad_norm=float(np.linalg.norm(grad)),
                       time_compute=time.perf_counter() - t0)
         state.records.append(record)
-        state.iteration, state.logits, state.rng_state = n + 1, logits, rng.bit_generator.state
-        if on_iteration is not None:
-            on_iteration(state)
-    state.logits = logits
-    return state
+        state.iteration, state.rng_state = n + 1, rng.bit_generator.state
+        state.logits = step.params.reshape(logits.shape).numpy().copy()
+
+
+def initial_state(num_states: int, num_actions: int, seed: int) -> MetaTrainState:
+    """Uniform meta-policy (phi = 0) and the batch-sampling generator of this seed."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 2]))
+    return MetaTrainState(0, np.zeros((num_states, num_actions)), rng.bit_generator.state)

@@ -7,6 +7,7 @@ lazily so that tabular work never imports MuJoCo.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
 
 from .base import BatchEnv, StepResult, Task, TaskDistribution, TaskParamError
@@ -40,6 +41,13 @@ def distribution_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def module_file(name: str) -> Path:
+    """The source file of a registered distribution's module (no import)."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown task distribution {name!r}; known: {', '.join(distribution_names())}")
+    return Path(__file__).resolve().parent / f"{_REGISTRY[name].split(':')[0]}.py"
+
+
 def distribution_class(name: str) -> type[TaskDistribution]:
     """The class registered under `name` (its module is imported on first use)."""
     if name not in _REGISTRY:
@@ -58,5 +66,5 @@ def get_distribution(name: str, **options: Any) -> TaskDistribution:
 
 __all__ = [
     "BatchEnv", "StepResult", "Task", "TaskDistribution", "TaskParamError",
-    "distribution_class", "distribution_names", "get_distribution", "register",
+    "distribution_class", "distribution_names", "get_distribution", "module_file", "register",
 ]

@@ -105,6 +105,10 @@ class TaskDistribution:
     """
 
     name: str = ""
+    # How algorithms may use this distribution's tasks, in order of preference: "exact" (the
+    # task's CMDP with exact values, `cmdp(task)`), "sampled" (rollouts of `make_env`),
+    # "differentiable" (`make_env` steps are torch operations that carry gradients to the actions).
+    kinds: tuple[str, ...] = ("sampled",)
 
     def sample(self, n: int, seed: int | Sequence[int]) -> list[Task]:
         """n tasks from the generator of `seed` (an int, or ints such as (seed, split))."""

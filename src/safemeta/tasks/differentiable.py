@@ -59,6 +59,7 @@ class TorchDistribution(P.ScaledLimitDistribution):
 
     paper_horizon: int = 100
     env_class: type = None  # type: ignore[assignment]
+    kinds = ("sampled", "differentiable")
 
     def __init__(self, horizon: int | None = None, cost_limit: float | None = None, dtype: str = "float32") -> None:
         super().__init__(horizon, cost_limit)

@@ -171,6 +171,7 @@ class TabularDistribution(TaskDistribution):
     """Common part of the tabular families: build the CMDP of a task; a sampled BatchEnv."""
 
     horizon: int = 100
+    kinds = ("exact", "sampled")
 
     def cmdp(self, task: Task) -> TabularCMDP:
         self.validate(task)

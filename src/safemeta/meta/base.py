@@ -1,0 +1,133 @@
+"""The meta-learner protocol, the meta-training loop, and the shared one-step evaluation.
+
+A meta-learner owns its state, performs one meta-iteration at a time, and names the adaptation
+operator its tasks are adapted with (its inner step, and what its meta-test uses unless
+`metatest.adapter` names another). `train` runs iterations from a state to the end, calling a
+hook after each (the CLI checkpoints there), so a run resumed from the state of iteration n
+continues bit for bit when every draw of iteration n derives from (seed, n, ...) or from an RNG
+state kept in the state.
+
+What an implementer provides (subclass `MetaLearner`):
+- `name` (the registry name in `meta/__init__.py`, the config's `methods.NAME.algorithm`),
+  `kinds` (scenario kinds it runs on; exact and sampled versions are two classes of one name),
+  `operator` (the registry name of its adaptation operator);
+- `Settings`: a frozen dataclass WITHOUT defaults whose fields are the options it reads: its own
+  options (schema block `method_<name>`) and the `metatrain` keys it uses; `config.settings`
+  fills it from the validated config. An option set in the config that the class does not read
+  is rejected, naming the key; `check_options(settings)` may reject values for this kind;
+- `State`: a dataclass with at least `iteration` (the next iteration to run) and `records`
+  (one dict per iteration), holding only tensors, arrays and plain values (checkpointed with
+  `torch.save(vars(state))`);
+- `initial_state()`, `iteration(state)` (runs iteration n = state.iteration, appends its record,
+  advances state.iteration; n == settings.iterations evaluates the final meta-policy only) and
+  `policy(state)` (the meta-policy, whose `to_checkpoint()` is policy.pt);
+- `record_vars`: its own per-iteration variables (name -> records.Var, dims from ("task",
+  "constraint")); the evaluation variables (`EVALUATION_VARS` plus the operator's step
+  variables) and time_sampling / time_compute are common to all.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import numpy as np
+
+from ..evaluate import adaptation_sequence
+from ..records import Var
+
+if TYPE_CHECKING:
+    from ..adaptation.base import AdaptationOperator
+    from ..scenario import Scenario
+    from ..tasks import Task
+
+# Recorded by every meta-learner when it evaluates: the meta-policy and its one-step adaptation
+# on each evaluation task (the paper's Fig. 1 columns 1-2), and the time split of the iteration.
+EVALUATION_VARS: dict[str, Var] = {
+    "reward": Var(("task",), "reward of the one-step adapted policy A^s(pi_phi)", "return"),
+    "cost": Var(("task", "constraint"), "cost of the one-step adapted policy A^s(pi_phi)", "cost"),
+    "meta_reward": Var(("task",), "reward of the meta-policy pi_phi", "return"),
+    "meta_cost": Var(("task", "constraint"), "cost of the meta-policy pi_phi", "cost"),
+    "u": Var(("task", "constraint"), "multipliers of the one-step adaptation", "1"),
+    "adapt_kl": Var(("task",), "E_nu KL(A^s(pi_phi) || pi_phi) of the one-step adaptation", "nats"),
+}
+# Statistics of a meta-step (TRPO-based learners share them) and of the CRPO switch.
+TRPO_STEP_VARS: dict[str, Var] = {
+    "step_accepted": Var((), "the TRPO line search accepted a step", "1"),
+    "step_kl": Var((), "mean KL of the accepted meta-step", "nats"),
+    "step_improvement": Var((), "improvement of the batch objective by the meta-step", "return"),
+    "grad_norm": Var((), "norm of the batch meta-gradient", "1"),
+}
+N_VIOLATING = Var((), "training tasks of the batch that took the cost-reduction step", "1")
+TIME_VARS: dict[str, Var] = {
+    "time_sampling": Var((), "wall time spent collecting samples", "s"),
+    "time_compute": Var((), "wall time spent computing (adaptation, gradients, step)", "s"),
+}
+
+
+class MetaLearner:
+    """Base class of meta-learners (see the module docstring for the contract)."""
+
+    name: ClassVar[str] = ""
+    kinds: ClassVar[tuple[str, ...]] = ()
+    operator: ClassVar[str] = ""
+    Settings: ClassVar[type]
+    State: ClassVar[type]
+    record_vars: ClassVar[dict[str, Var]] = {}
+
+    def __init__(self, scenario: "Scenario", operator: "AdaptationOperator", settings: Any,
+                 train: list["Task"], evaluation: list["Task"], seed: int) -> None:
+        self.scenario, self.adapt, self.settings = scenario, operator, settings
+        self.train_tasks, self.evaluation, self.seed = train, evaluation, int(seed)
+
+    @classmethod
+    def check_options(cls, settings: Any) -> None:
+        """Raise ValueError naming an option whose value this implementation cannot use."""
+
+    @classmethod
+    def trace_vars(cls, operator: type["AdaptationOperator"]) -> dict[str, Var]:
+        """Every per-iteration variable of this learner's meta-training trace."""
+        own_step = {name: Var(("task", *v.dims), v.long_name, v.units) for name, v in operator.step_vars.items()}
+        return {**EVALUATION_VARS, **own_step, **cls.record_vars, **TIME_VARS}
+
+    def initial_state(self) -> Any:
+        raise NotImplementedError
+
+    def iteration(self, state: Any) -> None:
+        raise NotImplementedError
+
+    def policy(self, state: Any) -> Any:
+        raise NotImplementedError
+
+
+def train(learner: MetaLearner, state: Any, on_iteration: Callable[[Any], None] | None = None) -> Any:
+    """Meta-iterations from `state` to the end; `on_iteration(state)` after each step taken
+    (not after the final evaluation). A finished state is returned unchanged."""
+    last = learner.settings.iterations
+    while state.iteration <= last:
+        final = state.iteration == last
+        learner.iteration(state)
+        if not final and on_iteration is not None:
+            on_iteration(state)
+    return state
+
+
+def evaluate_one_step(operator: "AdaptationOperator", tasks: list["Task"], policy: Any,
+                      seed_of: Callable[[int, int], int]) -> tuple[dict[str, np.ndarray], float]:
+    """The meta-policy and its one-step adaptation on each task (EVALUATION_VARS and the
+    operator's step variables), through the adaptation loop with K = 1; and the sampling time.
+
+    Task j explores pi_[k] with seed `seed_of(j, k)`.
+    """
+    out: dict[str, list] = {name: [] for name in (*EVALUATION_VARS, *operator.step_vars)}
+    t_sampling = 0.0
+    for j, task in enumerate(tasks):
+        seq = adaptation_sequence(operator, task, policy, 1, lambda k, j=j: seed_of(j, k))
+        out["meta_reward"].append(seq["reward"][0])
+        out["meta_cost"].append(seq["cost"][0])
+        out["reward"].append(seq["reward"][1])
+        out["cost"].append(seq["cost"][1])
+        out["u"].append(seq["u"][1])
+        out["adapt_kl"].append(seq["kl"][1])
+        for name in operator.step_vars:
+            out[name].append(seq[name][1])
+        t_sampling += float(seq["time_sampling"].sum())
+    return {k: np.asarray(v) for k, v in out.items()}, t_sampling

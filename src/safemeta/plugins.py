@@ -1,0 +1,291 @@
+"""From a validated config to algorithm instances, through the registries only.
+
+For a (scenario, method) pair the meta-learner's implementation is the first registered class
+that runs on a kind the scenario's distribution offers (`TaskDistribution.kinds`, in order:
+tabular scenarios run the exact class, the others the sampled one). Its options are, in order of
+precedence: the scenario's override `scenarios.S.methods.M`, the method block `methods.M`, the
+schema block `method_<algorithm>` and the `metatrain` section (with the scenario's
+`metatrain` override). Its operator's options: the method's `adaptation` overrides, then the
+scenario's `adaptation.<operator>` block, then the schema block `operator_<operator>`.
+Learners (`learners.L`) likewise. The meta-test's operator is `metatest.adapter` or the
+method's own, with `metatest.delta` as its delta.
+
+`check_config` runs at validation: every option the config sets must be read by the class that
+will run it on that scenario, and every value accepted by it (`check_options`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .adaptation import OPERATORS
+from .config import ConfigError, block_defaults, check_block, effective, select, settings
+from .learners import LEARNERS
+from .meta import META_LEARNERS
+from .registry import Registry, kind_of
+
+SECTIONS: dict[str, tuple[Registry, str]] = {"methods": (META_LEARNERS, "method"), "learners": (LEARNERS, "learner")}
+STAGE_SECTION = {"meta_train": "methods", "meta_test": "methods", "single_task": "learners"}
+
+
+class OptionError(ValueError):
+    """An option value an implementation cannot use: `option` is its key, the message says why."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+def _fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls.Settings)}
+
+
+def _distribution_kinds(config: dict[str, Any], scenario: str) -> tuple[str, ...]:
+    from .tasks import distribution_class
+
+    return distribution_class(select(config, "scenarios", scenario)["distribution"]).kinds
+
+
+# --------------------------------------------------------------------------- resolution
+def runs_on(config: dict[str, Any], section: str, scenario: str) -> list[str]:
+    """The methods (or learners) of the config that run on `scenario` (their `scenarios` list)."""
+    return [key for key, entry in config[section].items() if entry.get("scenarios") in (None, []) or
+            scenario in entry["scenarios"]]
+
+
+def grid(config: dict[str, Any], section: str) -> list[tuple[str, str]]:
+    """Every (scenario, method) or (scenario, learner) pair of the config, in config order."""
+    return [(scenario, label) for scenario in config["scenarios"] for label in runs_on(config, section, scenario)]
+
+def algorithm_class(config: dict[str, Any], section: str, scenario: str, label: str) -> type:
+    """The class that runs `section.label` (a method or learner) on `scenario`."""
+    registry, _ = SECTIONS[section]
+    algorithm = select(config, section, label)["algorithm"]
+    try:
+        return registry.implementation(algorithm, _distribution_kinds(config, scenario))
+    except LookupError as exc:
+        raise ConfigError(f"config key '{section}.{label}': {exc} (scenario {scenario})") from None
+
+
+def operator_class(config: dict[str, Any], name: str, scenario: str, kind: str, key: str) -> type:
+    if name not in OPERATORS:
+        raise ConfigError(f"config key '{key}': unknown adaptation operator {name!r} (known: {', '.join(OPERATORS.names())})")
+    for cls in OPERATORS.classes(name):
+        if kind in cls.kinds:
+            return cls
+    raise ConfigError(f"config key '{key}': adaptation operator {name!r} does not run on {kind} scenarios "
+                      f"(scenario {scenario})")
+
+
+def _algorithm_options(config: dict[str, Any], section: str, scenario: str, label: str) -> dict[str, Any]:
+    entry = select(config, section, label)
+    override = select(config, "scenarios", scenario).get(section, {}).get(label, {}) if section == "methods" else {}
+    options = {k: v for k, v in entry.items() if k not in ("algorithm", "adaptation")}
+    options.update({k: v for k, v in override.items() if k != "adaptation"})
+    return options
+
+
+def _operator_overrides(config: dict[str, Any], section: str, scenario: str, label: str) -> dict[str, Any]:
+    entry = select(config, section, label)
+    override = select(config, "scenarios", scenario).get(section, {}).get(label, {}) if section == "methods" else {}
+    return {**entry.get("adaptation", {}), **override.get("adaptation", {})}
+
+
+def stage_operator(config: dict[str, Any], stage: str, scenario: str, label: str) -> str:
+    """The operator a stage runs: the algorithm's own, or `metatest.adapter` at the meta-test."""
+    cls = algorithm_class(config, STAGE_SECTION[stage], scenario, label)
+    if stage == "meta_test":
+        return effective(config, "metatest", scenario)["adapter"] or cls.operator
+    return cls.operator
+
+
+def algorithm_settings(config: dict[str, Any], section: str, scenario: str, label: str) -> tuple[type, Any]:
+    """(class, settings) of a method or learner on a scenario."""
+    cls = algorithm_class(config, section, scenario, label)
+    shared = [effective(config, "metatrain", scenario)] if section == "methods" else []
+    return cls, settings(cls.Settings, *shared, _algorithm_options(config, section, scenario, label))
+
+
+def operator_settings(config: dict[str, Any], stage: str, scenario: str, label: str) -> tuple[type, Any]:
+    """(class, settings) of the operator a stage runs on a scenario (see the module docstring)."""
+    section = STAGE_SECTION[stage]
+    cls = algorithm_class(config, section, scenario, label)
+    name = stage_operator(config, stage, scenario, label)
+    kind = kind_of(cls, _distribution_kinds(config, scenario))
+    op_cls = operator_class(config, name, scenario, kind, "metatest.adapter")
+    values = dict(select(config, "scenarios", scenario).get("adaptation", {}).get(name, {}))
+    if name == cls.operator:
+        values.update(_operator_overrides(config, section, scenario, label))
+    if stage == "meta_test" and "delta" in _fields(op_cls):
+        values["delta"] = effective(config, "metatest", scenario)["delta"]
+    return op_cls, settings(op_cls.Settings, values)
+
+
+def stage_part(config: dict[str, Any], stage: str, scenario: str, label: str) -> dict[str, Any]:
+    """`config.stage_config` for the algorithm stages: only what the implementations read."""
+    section = STAGE_SECTION[stage]
+    cls = algorithm_class(config, section, scenario, label)
+    name = stage_operator(config, stage, scenario, label)
+    op_cls = operator_class(config, name, scenario, kind_of(cls, _distribution_kinds(config, scenario)), "metatest.adapter")
+    reads, op_reads = _fields(cls), _fields(op_cls)
+
+    def only_read(entry: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in entry.items() if k in reads or k == "algorithm"}   # not `scenarios`: no result depends on it
+        if "adaptation" in entry and name == cls.operator:
+            out["adaptation"] = {k: v for k, v in entry["adaptation"].items() if k in op_reads}
+        return out
+
+    scen = select(config, "scenarios", scenario)
+    dropped = {"meta_train": ("metatest",), "meta_test": ("metatrain",), "single_task": ("metatrain", "metatest")}[stage]
+    part_scen = {k: v for k, v in scen.items() if k not in ("adaptation", "methods", *dropped)}
+    operator_block = block_defaults(f"operator_{name}") | scen.get("adaptation", {}).get(name, {})
+    part_scen["adaptation"] = {name: {k: v for k, v in operator_block.items() if k in op_reads}}
+    if section == "methods" and label in scen.get("methods", {}):
+        part_scen["methods"] = {label: only_read(scen["methods"][label])}
+    part: dict[str, Any] = {"scenarios": {scenario: part_scen}, section: {label: only_read(select(config, section, label))},
+                            "device": config["device"]}
+    if stage == "meta_train":
+        part["metatrain"] = config["metatrain"]
+    elif stage == "meta_test":
+        part["metatest"] = config["metatest"]
+    return part
+
+
+# --------------------------------------------------------------------------- instances
+def build_scenario(config: dict[str, Any], scenario: str, distribution: Any, device: Any):
+    from .rollout import SamplingSettings
+    from .scenario import Scenario
+
+    scen = select(config, "scenarios", scenario)
+    sampling = SamplingSettings(scen["rollouts"], scen["gamma"], scen["constraint_gamma"])
+    return Scenario(scenario, distribution, sampling, dict(scen["policy"]), device)
+
+
+def build_operator(config: dict[str, Any], stage: str, scenario_obj: Any, label: str):
+    op_cls, op_settings = operator_settings(config, stage, scenario_obj.name, label)
+    return op_cls(scenario_obj, op_settings)
+
+
+def build_meta_learner(config: dict[str, Any], scenario_obj: Any, method: str, train: list, test: list, seed: int):
+    """The meta-learner of `method` on the scenario, with its operator; evaluation tasks are the
+    first `eval_tasks` test tasks (all when null)."""
+    cls, learner_settings = algorithm_settings(config, "methods", scenario_obj.name, method)
+    operator = build_operator(config, "meta_train", scenario_obj, method)
+    evaluation = test[: learner_settings.eval_tasks or len(test)]
+    return cls(scenario_obj, operator, learner_settings, train, evaluation, seed)
+
+
+def build_learner(config: dict[str, Any], scenario_obj: Any, learner: str):
+    cls, learner_settings = algorithm_settings(config, "learners", scenario_obj.name, learner)
+    return cls(scenario_obj, build_operator(config, "single_task", scenario_obj, learner), learner_settings)
+
+
+# --------------------------------------------------------------------------- validation
+def check_config(raw: dict[str, Any], resolved: dict[str, Any]) -> None:
+    """Registry names, per-algorithm option blocks and per-implementation option use (in place:
+    fills each algorithm block's defaults and its `algorithm`)."""
+    for section, (registry, prefix) in SECTIONS.items():
+        for key, entry in resolved[section].items():
+            algorithm = entry.get("algorithm", key)
+            if algorithm not in registry:
+                raise ConfigError(f"config key '{section}.{key}': unknown {registry.what} {algorithm!r}; name one of "
+                                  f"{', '.join(registry.names()) or 'none'} in 'algorithm'")
+            only = entry.get("scenarios")
+            for name in only or ():
+                if name not in resolved["scenarios"]:
+                    raise ConfigError(f"config key '{section}.{key}.scenarios': {name!r} is not a scenario of this config")
+            options = check_block({k: v for k, v in entry.items() if k not in ("algorithm", "scenarios")},
+                                  f"{prefix}_{algorithm}", f"{section}.{key}")
+            entry.clear()
+            entry.update(algorithm=algorithm, scenarios=only, **options)
+    for key in ("metatest",):
+        adapter = resolved[key]["adapter"]
+        if adapter is not None and adapter not in OPERATORS:
+            raise ConfigError(f"config key 'metatest.adapter': unknown adaptation operator {adapter!r} "
+                              f"(known: {', '.join(OPERATORS.names())})")
+    for skey, scen in resolved["scenarios"].items():
+        where = f"scenarios.{skey}"
+        for name, options in scen["adaptation"].items():
+            if name not in OPERATORS:
+                raise ConfigError(f"config key '{where}.adaptation.{name}': unknown adaptation operator (known: "
+                                  f"{', '.join(OPERATORS.names())}; options go under their operator, e.g. "
+                                  f"adaptation: {{dual_pgd: {{lam: 1.0}}}})")
+            if not isinstance(options, dict):
+                raise ConfigError(f"config key '{where}.adaptation.{name}': must be a mapping of the operator's options")
+            check_block(options, f"operator_{name}", f"{where}.adaptation.{name}", fill=False)
+        for mkey, override in scen["methods"].items():
+            if mkey not in resolved["methods"]:
+                raise ConfigError(f"config key '{where}.methods.{mkey}': not a method of this config "
+                                  f"(methods: {', '.join(resolved['methods']) or 'none'})")
+            check_block(override, f"method_{resolved['methods'][mkey]['algorithm']}", f"{where}.methods.{mkey}", fill=False)
+        adapter = scen.get("metatest", {}).get("adapter")
+        if adapter is not None and adapter not in OPERATORS:
+            raise ConfigError(f"config key '{where}.metatest.adapter': unknown adaptation operator {adapter!r}")
+        for section in SECTIONS:
+            for label in runs_on(resolved, section, skey):
+                _check_pair(raw, resolved, section, skey, label)
+
+
+def _given(raw: dict[str, Any], *path: str) -> dict[str, Any]:
+    """The mapping at `path` of the config as the user wrote it ({} where absent)."""
+    node: Any = raw
+    for key in path:
+        node = node.get(key, {}) if isinstance(node, dict) else {}
+    return node if isinstance(node, dict) else {}
+
+
+def _check_pair(raw: dict[str, Any], resolved: dict[str, Any], section: str, scenario: str, label: str) -> None:
+    """The implementation of `section.label` on `scenario` reads every option the user set."""
+    cls, algo_settings = algorithm_settings(resolved, section, scenario, label)
+    kinds = _distribution_kinds(resolved, scenario)
+    kind = kind_of(cls, kinds)
+    what = f"{select(resolved, section, label)['algorithm']} on {kind} scenarios"
+    reads = _fields(cls)
+    given = {f"{section}.{label}.{k}": k for k in _given(raw, section, label)
+             if k not in ("algorithm", "adaptation", "scenarios")}
+    if section == "methods":
+        given.update({f"scenarios.{scenario}.methods.{label}.{k}": k
+                      for k in _given(raw, "scenarios", scenario, "methods", label) if k != "adaptation"})
+    given.update({f"scenarios.{scenario}.metatrain.{k}": k for k in _given(raw, "scenarios", scenario, "metatrain")})
+    _refuse_unread(given, reads, what, scenario)
+    try:
+        cls.check_options(algo_settings)
+    except OptionError as exc:
+        key = next((k for k, v in reversed(given.items()) if v == exc.option), f"{section}.{label}.{exc.option}")
+        raise ConfigError(f"config key '{key}': {exc} (scenario {scenario})") from None
+
+    stages = ["meta_train", "meta_test"] if section == "methods" else ["single_task"]
+    for stage in stages:
+        name = stage_operator(resolved, stage, scenario, label)
+        op_cls = operator_class(resolved, name, scenario, kind, "metatest.adapter")
+        op_given = {f"scenarios.{scenario}.adaptation.{name}.{k}": k for k in _given(raw, "scenarios", scenario,
+                                                                                    "adaptation", name)}
+        if name == cls.operator:
+            op_given.update({f"{section}.{label}.adaptation.{k}": k for k in _given(raw, section, label, "adaptation")})
+            op_given.update({f"scenarios.{scenario}.methods.{label}.adaptation.{k}": k
+                             for k in _given(raw, "scenarios", scenario, "methods", label, "adaptation")})
+        _refuse_unread(op_given, _fields(op_cls), f"operator {name} on {kind} scenarios", scenario)
+        _, op_settings = operator_settings(resolved, stage, scenario, label)
+        try:
+            op_cls.check_options(op_settings)
+        except OptionError as exc:
+            key = next((k for k, v in reversed(op_given.items()) if v == exc.option), f"adaptation.{name}.{exc.option}")
+            raise ConfigError(f"config key '{key}': {exc} (scenario {scenario})") from None
+        if stage == "meta_test" and "delta" not in _fields(op_cls) and _any_positive(
+                effective(resolved, "metatest", scenario)["delta"]):
+            raise ConfigError(f"config key 'metatest.delta': operator {name} has no delta (scenario {scenario})")
+
+
+def _refuse_unread(given: dict[str, str], reads: set[str], what: str, scenario: str) -> None:
+    for key, option in given.items():
+        if option not in reads:
+            raise ConfigError(f"config key '{key}': not read by {what} (scenario {scenario}); "
+                              f"it reads {', '.join(sorted(reads))}")
+
+
+def _any_positive(value: Any) -> bool:
+    return any(v > 0 for v in (value if isinstance(value, list) else [value]))
+
+
+__all__ = ["OptionError", "algorithm_settings", "block_defaults", "build_learner", "build_meta_learner",
+           "build_operator", "build_scenario", "check_config", "operator_settings", "stage_operator"]
