@@ -22,18 +22,10 @@ from .adaptation import OPERATORS
 from .config import ConfigError, block_defaults, check_block, effective, select, settings
 from .learners import LEARNERS
 from .meta import META_LEARNERS
-from .registry import Registry, kind_of
+from .registry import OptionError, Registry, kind_of
 
 SECTIONS: dict[str, tuple[Registry, str]] = {"methods": (META_LEARNERS, "method"), "learners": (LEARNERS, "learner")}
 STAGE_SECTION = {"meta_train": "methods", "meta_test": "methods", "single_task": "learners"}
-
-
-class OptionError(ValueError):
-    """An option value an implementation cannot use: `option` is its key, the message says why."""
-
-    def __init__(self, option: str, message: str) -> None:
-        super().__init__(message)
-        self.option = option
 
 
 def _fields(cls: type) -> set[str]:

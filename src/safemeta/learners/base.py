@@ -42,7 +42,7 @@ class Learner:
 
     @classmethod
     def check_options(cls, settings: Any) -> None:
-        """Raise ValueError naming an option whose value this implementation cannot use."""
+        """Raise registry.OptionError(option, why) for a value this implementation cannot use."""
 
     @classmethod
     def trace_vars(cls, operator: type["AdaptationOperator"]) -> dict[str, Var]:

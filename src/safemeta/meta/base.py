@@ -14,7 +14,8 @@ What an implementer provides (subclass `MetaLearner`):
 - `Settings`: a frozen dataclass WITHOUT defaults whose fields are the options it reads: its own
   options (schema block `method_<name>`) and the `metatrain` keys it uses; `config.settings`
   fills it from the validated config. An option set in the config that the class does not read
-  is rejected, naming the key; `check_options(settings)` may reject values for this kind;
+  is rejected, naming the key; `check_options(settings)` may reject values for this kind
+  (`registry.OptionError`);
 - `State`: a dataclass with at least `iteration` (the next iteration to run) and `records`
   (one dict per iteration), holding only tensors, arrays and plain values (checkpointed with
   `torch.save(vars(state))`);
@@ -80,7 +81,7 @@ class MetaLearner:
 
     @classmethod
     def check_options(cls, settings: Any) -> None:
-        """Raise ValueError naming an option whose value this implementation cannot use."""
+        """Raise registry.OptionError(option, why) for a value this implementation cannot use."""
 
     @classmethod
     def trace_vars(cls, operator: type["AdaptationOperator"]) -> dict[str, Var]:

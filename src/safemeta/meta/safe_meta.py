@@ -34,6 +34,7 @@ from ..adaptation.dual_pgd import as_vector
 from ..optim import fisher_vector_product, flat_grad, trpo_step
 from ..policies import NeuralPolicy, policy_from_checkpoint
 from ..records import Var
+from ..registry import OptionError
 from ..rollout import Batch, derived_seed, time_baseline
 from .base import N_VIOLATING, TRPO_STEP_VARS, MetaLearner, evaluate_one_step
 
@@ -132,8 +133,8 @@ class SampledSafeMeta(MetaLearner):
     @classmethod
     def check_options(cls, settings: SampledMetaTrainSettings) -> None:
         if settings.meta_gradient != "first_order":
-            raise ValueError(f"meta_gradient {settings.meta_gradient!r} is not available on sampled scenarios "
-                             f"(available: first_order, Alg. 4 line 7)")
+            raise OptionError("meta_gradient", f"meta_gradient {settings.meta_gradient!r} is not available on sampled "
+                              f"scenarios (available: first_order, Alg. 4 line 7)")
 
     def initial_state(self) -> SampledMetaTrainState:
         """A freshly initialised meta-policy (weights from a generator of the seed)."""
