@@ -36,6 +36,7 @@ def test_the_hash_follows_content_not_timestamps(tmp_path):
     shutil.copytree(PACKAGE_DIR, root, ignore=shutil.ignore_patterns("__pycache__"))
     before = stage_code_hash(CONFIG, "meta_test", "t", "safemeta", root=root)
     (root / "plots.py").write_text((root / "plots.py").read_text() + "\n# not run by meta_test\n")
+    code_hash.cache_clear(), stages._imports.cache_clear()   # hashes are cached per process (one DAG build)
     assert stage_code_hash(CONFIG, "meta_test", "t", "safemeta", root=root) == before
     (root / "adaptation" / "dual_pgd.py").write_text((root / "adaptation" / "dual_pgd.py").read_text() + "\n# edit\n")
     code_hash.cache_clear(), stages._imports.cache_clear()   # hashes are cached per process (one DAG build)
