@@ -241,7 +241,7 @@ def _check_pair(raw: dict[str, Any], resolved: dict[str, Any], section: str, sce
     given.update({f"scenarios.{scenario}.metatrain.{k}": k for k in _given(raw, "scenarios", scenario, "metatrain")})
     _refuse_unread(given, reads, what, scenario)
     try:
-        cls.check_options(algo_settings)
+        cls.check_options(algo_settings, frozenset(given.values()))
     except OptionError as exc:
         key = next((k for k, v in reversed(given.items()) if v == exc.option), f"{section}.{label}.{exc.option}")
         raise ConfigError(f"config key '{key}': {exc} (scenario {scenario})") from None
@@ -259,7 +259,7 @@ def _check_pair(raw: dict[str, Any], resolved: dict[str, Any], section: str, sce
         _refuse_unread(op_given, _fields(op_cls), f"operator {name} on {kind} scenarios", scenario)
         _, op_settings = operator_settings(resolved, stage, scenario, label)
         try:
-            op_cls.check_options(op_settings)
+            op_cls.check_options(op_settings, frozenset(op_given.values()))
         except OptionError as exc:
             key = next((k for k, v in reversed(op_given.items()) if v == exc.option), f"adaptation.{name}.{exc.option}")
             raise ConfigError(f"config key '{key}': {exc} (scenario {scenario})") from None

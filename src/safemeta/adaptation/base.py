@@ -84,8 +84,9 @@ class AdaptationOperator:
         self.scenario, self.settings = scenario, settings
 
     @classmethod
-    def check_options(cls, settings: Any) -> None:
-        """Raise registry.OptionError(option, why) for a value this implementation cannot use."""
+    def check_options(cls, settings: Any, given: frozenset[str] = frozenset()) -> None:
+        """Raise registry.OptionError(option, why) for a value this implementation cannot use;
+        `given` names the options the config sets explicitly (the others are defaults)."""
 
     def start(self, task: "Task", policy: Any, seed: int) -> Any:
         """Per-sequence state for adapting `policy` on `task` (a buffer, critics, ...)."""
