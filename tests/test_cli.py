@@ -219,6 +219,13 @@ def test_sampled_scenarios_refuse_the_exact_only_meta_gradients():
     with pytest.raises(ConfigError, match="config key 'methods.safemeta.meta_gradient': meta_gradient 'eq6' is not "
                                           "available on sampled scenarios"):
         load_config(config)
+    config["methods"]["safemeta"]["meta_gradient"] = "first_order"
+    config["scenarios"]["p"]["adaptation"] = {"dual_pgd": {"lam": 2.0}}
+    with pytest.raises(ConfigError, match="config key 'scenarios.p.adaptation.dual_pgd.lam': has no effect here: "
+                                          "kl_target is set"):
+        load_config(config)
+    config["scenarios"]["p"]["adaptation"]["dual_pgd"]["kl_target"] = None   # lam as given (the paper's Table 2)
+    load_config(config)
     config["scenarios"]["t"] = {"distribution": "tabular_random", "methods": {"safemeta": {"meta_gradient": "eq6"}}}
     config["methods"]["safemeta"]["meta_gradient"] = "first_order"
     load_config(config)   # per-scenario override: eq6 where it is exact, line 7 elsewhere

@@ -119,7 +119,10 @@ def stage_part(config: dict[str, Any], stage: str, scenario: str, label: str) ->
     cls = algorithm_class(config, section, scenario, label)
     name = stage_operator(config, stage, scenario, label)
     op_cls = operator_class(config, name, scenario, kind_of(cls, _distribution_kinds(config, scenario)), "metatest.adapter")
-    reads, op_reads = _fields(cls), _fields(op_cls)
+    _, algo_settings = algorithm_settings(config, section, scenario, label)
+    _, op_settings = operator_settings(config, stage, scenario, label)
+    reads = _fields(cls) - set(cls.ignored(algo_settings))
+    op_reads = _fields(op_cls) - set(op_cls.ignored(op_settings))
 
     def only_read(entry: dict[str, Any]) -> dict[str, Any]:
         out = {k: v for k, v in entry.items() if k in reads or k == "algorithm"}   # not `scenarios`: no result depends on it
@@ -232,14 +235,15 @@ def _check_pair(raw: dict[str, Any], resolved: dict[str, Any], section: str, sce
     kinds = _distribution_kinds(resolved, scenario)
     kind = kind_of(cls, kinds)
     what = f"{select(resolved, section, label)['algorithm']} on {kind} scenarios"
-    reads = _fields(cls)
+    ignored = cls.ignored(algo_settings)
+    reads = _fields(cls) - set(ignored)
     given = {f"{section}.{label}.{k}": k for k in _given(raw, section, label)
              if k not in ("algorithm", "adaptation", "scenarios")}
     if section == "methods":
         given.update({f"scenarios.{scenario}.methods.{label}.{k}": k
                       for k in _given(raw, "scenarios", scenario, "methods", label) if k != "adaptation"})
     given.update({f"scenarios.{scenario}.metatrain.{k}": k for k in _given(raw, "scenarios", scenario, "metatrain")})
-    _refuse_unread(given, reads, what, scenario)
+    _refuse_unread(given, reads, what, scenario, ignored)
     try:
         cls.check_options(algo_settings, frozenset(given.values()))
     except OptionError as exc:
@@ -256,8 +260,10 @@ def _check_pair(raw: dict[str, Any], resolved: dict[str, Any], section: str, sce
             op_given.update({f"{section}.{label}.adaptation.{k}": k for k in _given(raw, section, label, "adaptation")})
             op_given.update({f"scenarios.{scenario}.methods.{label}.adaptation.{k}": k
                              for k in _given(raw, "scenarios", scenario, "methods", label, "adaptation")})
-        _refuse_unread(op_given, _fields(op_cls), f"operator {name} on {kind} scenarios", scenario)
         _, op_settings = operator_settings(resolved, stage, scenario, label)
+        op_ignored = op_cls.ignored(op_settings)
+        _refuse_unread(op_given, _fields(op_cls) - set(op_ignored), f"operator {name} on {kind} scenarios", scenario,
+                       op_ignored)
         try:
             op_cls.check_options(op_settings, frozenset(op_given.values()))
         except OptionError as exc:
@@ -268,8 +274,11 @@ def _check_pair(raw: dict[str, Any], resolved: dict[str, Any], section: str, sce
             raise ConfigError(f"config key 'metatest.delta': operator {name} has no delta (scenario {scenario})")
 
 
-def _refuse_unread(given: dict[str, str], reads: set[str], what: str, scenario: str) -> None:
+def _refuse_unread(given: dict[str, str], reads: set[str], what: str, scenario: str,
+                   ignored: dict[str, str] | None = None) -> None:
     for key, option in given.items():
+        if option in (ignored or {}):
+            raise ConfigError(f"config key '{key}': has no effect here: {ignored[option]} (scenario {scenario})")
         if option not in reads:
             raise ConfigError(f"config key '{key}': not read by {what} (scenario {scenario}); "
                               f"it reads {', '.join(sorted(reads))}")

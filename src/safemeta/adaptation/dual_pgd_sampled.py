@@ -46,7 +46,6 @@ import numpy as np
 import torch
 
 from ..records import Var
-from ..registry import OptionError
 from .base import AdaptationOperator, Observation, Step
 from .dual_pgd import DualSolution, as_vector, projected_gradient_descent
 
@@ -263,12 +262,11 @@ class SampledDualPGD(AdaptationOperator):
     }
 
     @classmethod
-    def check_options(cls, settings: SampledAdaptationSettings, given: frozenset[str] = frozenset()) -> None:
-        if settings.kl_target is not None:
-            for option in ("lam", "normalize_advantages"):
-                if option in given:
-                    raise OptionError(option, f"{option} has no effect when kl_target is set (the step's KL fixes "
-                                              f"the reward penalty); remove it, or set kl_target: null")
+    def ignored(cls, settings: SampledAdaptationSettings) -> dict[str, str]:
+        if settings.kl_target is None:
+            return {}
+        why = "kl_target is set, so the step's KL fixes the reward penalty; remove it, or set kl_target: null"
+        return {"lam": why, "normalize_advantages": why}
 
     def start(self, task, policy, seed):
         state = super().start(task, policy, seed)

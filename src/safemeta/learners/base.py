@@ -46,6 +46,12 @@ class Learner:
         `given` names the options the config sets explicitly (the others are defaults)."""
 
     @classmethod
+    def ignored(cls, settings: Any) -> dict[str, str]:
+        """Options without effect under the others' values (option -> why): setting one is an
+        error, and stage configs leave them out."""
+        return {}
+
+    @classmethod
     def trace_vars(cls, operator: type["AdaptationOperator"]) -> dict[str, Var]:
         return sequence_vars(operator)
 

@@ -87,6 +87,12 @@ class MetaLearner:
         `given` names the options the config sets explicitly (the others are defaults)."""
 
     @classmethod
+    def ignored(cls, settings: Any) -> dict[str, str]:
+        """Options without effect under the others' values (option -> why): setting one is an
+        error, and stage configs leave them out."""
+        return {}
+
+    @classmethod
     def trace_vars(cls, operator: type["AdaptationOperator"]) -> dict[str, Var]:
         """Every per-iteration variable of this learner's meta-training trace."""
         own_step = {name: Var(("task", *v.dims), v.long_name, v.units) for name, v in operator.step_vars.items()}
