@@ -67,15 +67,15 @@ class OneCMDP:
         return TabularBatchEnv(self._cmdp, num_envs, self.horizon, seed, device)
 
 
-def finite_horizon_cost(cmdp: TabularCMDP, probs: np.ndarray, horizon: int, discount: float) -> np.ndarray:
-    """Exact E[sum_{t<horizon} discount^t c_i(s_t, a_t)] [p] from rho (what a TabularBatchEnv's
-    constraint_value estimates with constraint_gamma = discount), by propagating the state law."""
+def finite_horizon_values(cmdp: TabularCMDP, probs: np.ndarray, horizon: int, discount: float) -> np.ndarray:
+    """Exact E[sum_{t<horizon} discount^t x(s_t, a_t)] from rho for the reward (index 0) and each
+    cost (1..p), [1 + p]: what a TabularBatchEnv's rollouts estimate, by propagating the state law."""
     state = cmdp.rho.copy()
     P_pi = np.einsum("sa,sat->st", probs, cmdp.P)
-    c_pi = np.einsum("sa,isa->is", probs, cmdp.c)
-    total = np.zeros(cmdp.num_constraints)
+    x_pi = np.einsum("sa,ksa->ks", probs, cmdp.signals())
+    total = np.zeros(1 + cmdp.num_constraints)
     for t in range(horizon):
-        total += discount ** t * (c_pi @ state)
+        total += discount ** t * (x_pi @ state)
         state = state @ P_pi
     return total
 
