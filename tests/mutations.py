@@ -76,7 +76,8 @@ MUTATIONS = [
              (("full_step = (2.0 * max_kl / quad) ** 0.5 * x", "full_step = (0.5 * max_kl / quad) ** 0.5 * x"),),
              ("tests/test_optim.py::test_trpo_step_uses_its_whole_kl_radius",),
              "the TRPO step scaled to a quarter of its KL radius"),
-    # Added: what the moderate-lam anytime-safety test guards (the bound's tests cannot see it).
+    # Added: the lam_c KL term of problem (1)'s constraint, which the moderate-lam safety test guards
+    # (the bound's test sees it too, but only by a realised excess of ~1e-12 on its 1e-12 tolerance).
     Mutation("eq5_without_lam_c_kl", "adaptation/dual_pgd.py",
              (("per_state = exp_adv_c + (1.0 - gamma) * lam_c.reshape(-1, *[1] * kl.ndim) * kl",
                "per_state = exp_adv_c + 0.0 * kl"),),
