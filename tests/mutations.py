@@ -83,6 +83,12 @@ MUTATIONS = [
                "per_state = exp_adv_c + 0.0 * kl"),),
              ("tests/test_anytime_safety.py::test_one_step_is_safe_at_moderate_lam_where_the_constraint_binds",),
              "the exact dual gradient (eq. 5), i.e. problem (1)'s constraint, without its lam_c KL term"),
+    # Added: a too-conservative exact A^s, which the contrast test (lam_c = 0 can be unsafe) sees.
+    Mutation("exact_limit_lowered", "adaptation/dual_pgd.py",
+             (("d_prime = (1.0 - gamma) * (torch.from_numpy(cmdp.d + delta_v) - ev.Jc)",
+               "d_prime = (1.0 - gamma) * (torch.from_numpy(cmdp.d + delta_v) - ev.Jc - 1e-3)"),),
+             ("tests/test_anytime_safety.py::test_without_the_kl_term_of_the_constraint_one_step_can_be_unsafe",),
+             "the exact A^s aims 1e-3 below d + delta (d' of eq. 4 lowered)"),
 ]
 
 
