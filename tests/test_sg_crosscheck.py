@@ -126,18 +126,21 @@ def test_point_button_rules_follow_safety_gymnasium():
 
 
 @needs_worker
-def test_sg_env_is_reproducible_and_independent_of_workers_and_transport():
-    dist = get_distribution("sg_point_button", sim_threads=1)
+@pytest.mark.parametrize("name", ["sg_car_circle_hazard", "sg_point_button"])
+def test_sg_env_is_reproducible_and_independent_of_workers_transport_and_reuse(name):
+    dist = get_distribution(name, sim_threads=1)
     task = dist.sample(1, seed=0)[0]
     actions = random_actions(15, 4, seed=2)
 
     def run(seed, **options):
-        env = get_distribution("sg_point_button", **options).make_env(task, 4, seed=seed)
+        env = get_distribution(name, **options).make_env(task, 4, seed=seed)
         out = [env.reset()] + [env.step(act).obs for act in actions]
         env.close()
         return torch.stack(out)
 
+    sg_navigation.close_idle_workers()                   # the first run builds new worlds, the next reuse them
     first = run(5, sim_threads=1)
+    assert torch.equal(first, run(5, sim_threads=1))
     assert torch.equal(first, run(5, sim_threads=2))
     assert torch.equal(first, run(5, sim_threads=1, transport="pipe"))
     assert not torch.equal(first, run(6, sim_threads=1))
@@ -146,11 +149,13 @@ def test_sg_env_is_reproducible_and_independent_of_workers_and_transport():
 @needs_worker
 def test_dead_or_silent_worker_is_a_clear_error(monkeypatch):
     _, env = pair("point_circle", n=2)
+    env.reset()
     env._parts[0].worker.proc.kill()
     with pytest.raises(BatchEnvError, match="worker .* exited with status -9 during step"):
         env.step(torch.zeros(2, 2))
     env.close()
     _, env = pair("point_circle", n=2)
+    env.reset()
     monkeypatch.setattr(sg_navigation, "STEP_SECONDS", (0.5, 0.0))
     worker = env._parts[0].worker
     os.kill(worker.proc.pid, signal.SIGSTOP)            # alive but silent

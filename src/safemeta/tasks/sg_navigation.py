@@ -195,6 +195,11 @@ class SGWorkerEnv:
         sg_seeds = np.random.SeedSequence([int(seed), SEED_KEY]).generate_state(self.num_envs)
         self.goal = np.full(self.num_envs, -1)
         self._xy = np.zeros((self.num_envs, 2))
+        # The native env resets when built; a Safety-Gymnasium reset rebuilds every model (tens of ms
+        # per copy), and rollouts reset before they step anyway. So the starts of that first reset
+        # are drawn now (the generator stays in step with the native env's) and sent only if the
+        # env is stepped or posed before any reset().
+        self._pending = draw_starts(self.rng, layout, self.num_envs, scenario)
         self._parts: list[_Part] = []
         self._finalizer = weakref.finalize(self, _release, self._parts)
         task = {"radius": layout.radius, "wall": layout.wall if np.isfinite(layout.wall) else None,
@@ -213,7 +218,6 @@ class SGWorkerEnv:
                         "shm": shm.name if shm is not None else None}
                 part.worker.send(W.INIT, json.dumps(spec).encode(), "init")
             self._receive(INIT_SECONDS, "init", outputs=False)
-            self.reset()
         except BaseException:
             self.close()
             raise
@@ -232,7 +236,16 @@ class SGWorkerEnv:
 
     def reset(self) -> Any:
         """New start poses (and goal buttons) for every copy; Safety-Gymnasium rebuilds its models."""
-        xy, heading, goal = draw_starts(self.rng, self.layout, self.num_envs, self.scenario)
+        self._pending = None
+        return self._reset(draw_starts(self.rng, self.layout, self.num_envs, self.scenario))
+
+    def _reset_if_new(self) -> None:
+        if self._pending is not None:
+            starts, self._pending = self._pending, None
+            self._reset(starts)
+
+    def _reset(self, starts: tuple[np.ndarray, np.ndarray, np.ndarray | None]) -> Any:
+        xy, heading, goal = starts
         goal = np.zeros(self.num_envs) if goal is None else goal
         for part in self._parts:
             part.io["start"][:] = np.column_stack([xy, heading])[part.rows]
@@ -245,6 +258,7 @@ class SGWorkerEnv:
                  goal: np.ndarray | None = None) -> Any:
         """As NavigationEnv.set_pose: hand-built positions [N, 2], headings [N], planar velocities
         [N, 2] (and goal buttons [N]); starts an episode there without rebuilding."""
+        self._reset_if_new()       # Safety-Gymnasium builds its worlds at the first reset
         n = self.num_envs
         start = np.column_stack([np.asarray(xy, float).reshape(n, 2), np.broadcast_to(heading, (n,))])
         velocity = np.zeros((n, 2)) if velocity is None else np.asarray(velocity, float).reshape(n, 2)
@@ -258,6 +272,7 @@ class SGWorkerEnv:
 
     def step(self, actions: Any) -> StepResult:
         a = as_numpy_actions(actions, self.num_envs, self._low, self._high)
+        self._reset_if_new()
         active = ~self.clock.done
         for part in self._parts:
             part.io["action"][:] = a[part.rows]
@@ -273,6 +288,7 @@ class SGWorkerEnv:
 
     def positions(self) -> np.ndarray:
         """World xy [N, 2] of every copy's robot."""
+        self._reset_if_new()
         return self._xy.copy()
 
     def close(self) -> None:

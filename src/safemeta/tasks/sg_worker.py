@@ -127,6 +127,7 @@ class Copies:
     def __init__(self, sg: Any, spec: dict[str, Any]) -> None:
         from safety_gymnasium.assets.geoms import Hazards
 
+        self.key = self._task_key(spec)
         self.kind, robot, task = spec["kind"], spec["robot"], spec["task"]
         self.start_z = float(spec.get("start_z", 0.1))
         self.envs = []
@@ -150,9 +151,23 @@ class Copies:
                 t._add_geoms(Hazards(num=len(task["hazards"]), size=float(task["hazard_size"]), keepout=KEEPOUT,
                                      locations=[tuple(h) for h in task["hazards"]]))
             t.build_observation_space()
-            env.set_seed(int(seed))
             self.envs.append(env)
         self.obs_dim = int(self.envs[0].observation_space.shape[0])
+        self.reseed(spec["seeds"])
+
+    @staticmethod
+    def _task_key(spec: dict[str, Any]) -> str:
+        return json.dumps([spec["kind"], spec["robot"], spec["task"], spec.get("start_z"), len(spec["seeds"])],
+                          sort_keys=True)
+
+    def same_task(self, spec: dict[str, Any]) -> bool:
+        return self._task_key(spec) == self.key
+
+    def reseed(self, seeds: list[int]) -> None:
+        """Seed every copy's generator (layout draws, frame skip, goal choices): a reused env then
+        behaves as a new one (every reset rebuilds the world from the task objects)."""
+        for env, seed in zip(self.envs, seeds):
+            env.set_seed(int(seed))
         self.done = np.zeros(len(self.envs), bool)
 
     def reset(self, io: dict[str, np.ndarray]) -> None:
@@ -200,6 +215,7 @@ class Copies:
             d.qpos[adr: adr + 3] = 0.0
             c, s = np.cos(heading), np.sin(heading)
             d.qvel[vadr: vadr + 2] = (c * velocity[0] + s * velocity[1], -s * velocity[0] + c * velocity[1])
+        d.qacc_warmstart[:] = 0.0   # as a fresh MjData: a reused env's first build ran one mj_forward more
         mujoco.mj_forward(m, d)
 
     @staticmethod
@@ -252,11 +268,15 @@ def serve(requests: Any, replies: Any) -> None:
                 return
             if code == INIT:
                 spec = json.loads(payload)
-                copies, io, buffer = None, None, None   # drop the views before closing the old block
+                io, buffer = None, None                 # drop the views before closing the old block
                 if shm is not None:
                     shm.close()
                     shm = None
-                copies = Copies(sg, spec)
+                if copies is not None and copies.same_task(spec):
+                    copies.reseed(spec["seeds"])        # the same task again: keep its envs
+                else:
+                    copies = None
+                    copies = Copies(sg, spec)
                 if copies.obs_dim != spec["obs_dim"]:
                     raise ValueError(f"Safety-Gymnasium's observation has {copies.obs_dim} entries, "
                                      f"safemeta expects {spec['obs_dim']}")
