@@ -181,3 +181,35 @@ def test_sg_setup_rejects_a_wrong_interpreter(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("safemeta sg-setup: error: ") and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "env").exists()
+
+
+def test_meta_train_without_the_worker_environment_fails_in_one_line(monkeypatch, tmp_path, capsys):
+    import json
+
+    from safemeta.cli import main
+
+    monkeypatch.setenv("SAFEMETA_SG_ENV", str(tmp_path / "nowhere"))
+    config = json.dumps({"scenarios": {"sg": {"distribution": "sg_point_circle", "task_options": {"horizon": 5},
+                                              "n_train_tasks": 2, "n_test_tasks": 1, "rollouts": 2,
+                                              "adaptation": {"dual_pgd": {"lam": 0.5, "lam_c": 0.5}}}},
+                         "methods": {"safemeta": {"meta_gradient": "first_order"}},
+                         "metatrain": {"iterations": 1, "tasks_per_iteration": 1}})
+    base = ["--config", config, "--scenario", "sg", "--seed", "0"]
+    assert main(["tasks", *base, "--out", str(tmp_path / "tasks.json")]) == 0      # sampling needs no worker
+    capsys.readouterr()
+    assert main(["meta-train", *base, "--method", "safemeta", "--tasks", str(tmp_path / "tasks.json"),
+                 "--out-dir", str(tmp_path / "mt"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("safemeta meta-train: error: scenario sg_point_circle needs") and "sg-setup" in err[-1]
+
+
+def test_sg_options_and_params_are_checked_before_any_worker(monkeypatch, tmp_path):
+    from safemeta.tasks import TaskParamError
+
+    monkeypatch.setenv("SAFEMETA_SG_ENV", str(tmp_path / "nowhere"))
+    with pytest.raises(TaskParamError, match="sg_point_button: option 'transport'"):
+        get_distribution("sg_point_button", transport="udp")
+    dist = get_distribution("sg_point_circle")
+    task = dist.sample(1, seed=0)[0]
+    with pytest.raises(TaskParamError, match="sg_point_circle.*radius"):
+        dist.make_env(Task(dist.name, {**task.params, "radius": float("nan")}), 1, seed=0)

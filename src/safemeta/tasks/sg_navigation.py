@@ -18,7 +18,9 @@ every method and the pipeline run on these scenarios unchanged.
 - Each reset rebuilds Safety-Gymnasium's MuJoCo model (its design; the skybox is replaced at
   load, see sg_worker).
 - Worker processes outlive an env: they wait in a pool of this process and are re-initialised for
-  the next task; they exit with it (their stdin closes).
+  the next task (keeping the envs of a repeated task, reseeded: the same results as new ones);
+  they exit with it (their stdin closes).
+- `set_pose` puts the robots at hand-built states, as the native env's (for the cross-check).
 - Errors: BatchEnvError, one line, when the worker environment is missing, a worker dies, reports
   an error, or does not answer within its time limit (it is then killed); never a hang.
 """
