@@ -95,3 +95,21 @@ def test_same_seed_same_rollouts():
     torch.testing.assert_close(a.obs, b.obs)
     torch.testing.assert_close(a.reward, b.reward)
     assert not np.allclose(a.obs.numpy(), c.obs.numpy())
+
+
+def test_sampling_time_includes_building_the_environment():
+    import time
+
+    from safemeta.rollout import SamplingSettings, rollout_policy
+
+    dist = get_distribution("point_circle", horizon=2)
+    task = dist.sample(1, 0)[0]
+    pol = policy_for(dist.make_env(task, 1, 0).observation_space, dist.make_env(task, 1, 0).action_space)
+
+    class SlowToBuild:                                 # an external simulator that takes 0.3 s to start
+        def make_env(self, *args):
+            time.sleep(0.3)
+            return dist.make_env(*args)
+
+    batch = rollout_policy(SlowToBuild(), task, pol, SamplingSettings(2, 0.99, 1.0), seed=0)
+    assert batch.sampling_time >= 0.3
