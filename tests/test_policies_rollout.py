@@ -132,3 +132,21 @@ def test_collect_keeps_the_terminal_transitions_reward_and_cost():
     torch.testing.assert_close(batch.episode_cost[:, 0], torch.tensor([2.0, 2.0, 2.0, 0.0]))
     torch.testing.assert_close(batch.constraint_value, torch.tensor([2.0 * (0.9 + 0.9 ** 2 + 0.9 ** 3) / 4]))
     torch.testing.assert_close(batch.q_cost[0, :, 0], torch.tensor([2 * 0.5, 2 * 0.5 ** 2, 2 * 0.5 ** 3, 0.0]))
+
+
+def test_sampling_time_includes_building_the_environment():
+    import time
+
+    from safemeta.rollout import SamplingSettings, rollout_policy
+
+    dist = get_distribution("point_circle", horizon=2)
+    task = dist.sample(1, 0)[0]
+    pol = policy_for(dist.make_env(task, 1, 0).observation_space, dist.make_env(task, 1, 0).action_space)
+
+    class SlowToBuild:                                 # an external simulator that takes 0.3 s to start
+        def make_env(self, *args):
+            time.sleep(0.3)
+            return dist.make_env(*args)
+
+    batch = rollout_policy(SlowToBuild(), task, pol, SamplingSettings(2, 0.99, 1.0), seed=0)
+    assert batch.sampling_time >= 0.3

@@ -31,7 +31,7 @@ from .provenance import provenance_attrs
 from .registry import kind_of
 from .results import metatrain_dataset, sequence_dataset, write_dataset
 from .rollout import derived_seed
-from .tasks import Task, TaskParamError, distribution_class, get_distribution
+from .tasks import BatchEnvError, Task, TaskParamError, distribution_class, get_distribution
 
 TASKS_FORMAT = "safemeta.tasks/1"
 
@@ -268,6 +268,12 @@ def cmd_plot(args: argparse.Namespace) -> None:
         print(f"wrote {path}", file=sys.stderr)
 
 
+def cmd_sg_setup(args: argparse.Namespace) -> None:
+    from .tasks.sg_setup import setup
+
+    setup(args.python, Path(args.prefix) if args.prefix else None, force=args.force)
+
+
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safemeta", description=__doc__.split("\n")[0])
@@ -344,6 +350,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", required=True, help="summary.nc written by `safemeta aggregate`")
     p.add_argument("--out-dir", required=True, help="directory for the PNG files, e.g. results/figures")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("sg-setup", help="build the Python 3.10 Safety-Gymnasium worker environment (sg_* scenarios)",
+                       description="Create a Python 3.10 virtual environment with the pinned safety-gymnasium 1.0.0 "
+                                   "stack (src/safemeta/tasks/assets/sg-worker.lock) and check that its worker builds "
+                                   "each navigation task. Does nothing if an up-to-date build exists.")
+    p.add_argument("--python", help="Python 3.10 interpreter (default: python3.10 on PATH, else pyenv's 3.10.*)")
+    p.add_argument("--prefix", help="where to build it (default: $SAFEMETA_SG_ENV, else "
+                                    "~/.cache/safemeta/sg-worker-<lock hash>); other places need SAFEMETA_SG_ENV later")
+    p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build exists")
+    p.set_defaults(func=cmd_sg_setup)
     return parser
 
 
@@ -351,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, InputError, TaskParamError) as exc:
+    except (ConfigError, InputError, TaskParamError, BatchEnvError) as exc:
         print(f"safemeta {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -8,9 +8,10 @@ cost and observation code is vectorised over copies. Measured on the project's 2
 one MjData, the same as `mujoco.rollout` (which also zeroes the solver warm start at every call
 and stops a copy at the first MuJoCo warning); per-copy MjData keeps gymnasium's exact stepping.
 
-Sensor values are those MuJoCo computed inside the last physics substep (before its
-integration: at most one substep old, as in any env that skips an extra mj_forward); after
-`set_state` they are exact (mj_forward).
+Sensor values: with `forward=True`, BatchSim runs mj_forward after the substeps of an env step,
+so sensors and derived quantities describe the state after stepping (as Safety-Gymnasium does);
+otherwise they are those MuJoCo computed inside the last substep, before its integration (one
+substep old, as gymnasium's MuJoCo envs give them). After `set_state` they are exact (mj_forward).
 
 `EpisodeClock` is the BatchEnv bookkeeping the MuJoCo families share: step counter, which copies
 have terminated (they stay frozen with zero reward and cost until reset), tensor conversion.
@@ -41,16 +42,17 @@ class BatchSim:
     """N MjData copies of `model`, stepped `frame_skip` substeps per env step.
 
     `buffers[name]` is `[N, *shape]` for each MjData field in `fields` (qpos and qvel are always
-    gathered). `post_constraint` runs mj_rnePostConstraint after stepping (fills cfrc_ext).
+    gathered). `post_constraint` runs mj_rnePostConstraint after stepping (fills cfrc_ext);
+    `forward` runs mj_forward after stepping (fresh sensors, positions and contacts).
     """
 
     def __init__(self, model: mujoco.MjModel, num_envs: int, frame_skip: int, threads: int | None = None,
-                 fields: Sequence[str] = (), post_constraint: bool = False) -> None:
+                 fields: Sequence[str] = (), post_constraint: bool = False, forward: bool = False) -> None:
         self.model, self.num_envs, self.frame_skip = model, int(num_envs), int(frame_skip)
         self.dt = model.opt.timestep * self.frame_skip
         threads = default_threads() if threads is None else int(threads)
         self.threads = max(1, min(threads, self.num_envs))
-        self.post_constraint = bool(post_constraint)
+        self.post_constraint, self.forward = bool(post_constraint), bool(forward)
         fields = ("qpos", "qvel") + tuple(f for f in fields if f not in ("qpos", "qvel"))
         self.datas = [mujoco.MjData(model) for _ in range(self.num_envs)]
         self._ctrl_views = [d.ctrl for d in self.datas]
@@ -91,11 +93,14 @@ class BatchSim:
 
     def _run(self, lo: int, hi: int, ctrl: np.ndarray, active: np.ndarray) -> None:
         m, fs, post, step, buffers = self.model, self.frame_skip, self.post_constraint, mujoco.mj_step, self.buffers
+        forward = self.forward
         for i in range(lo, hi):
             if active[i]:
                 d = self.datas[i]
                 self._ctrl_views[i][:] = ctrl[i]
                 step(m, d, nstep=fs)
+                if forward:
+                    mujoco.mj_forward(m, d)
                 if post:
                     mujoco.mj_rnePostConstraint(m, d)
                 for name, view in self._views[i]:
