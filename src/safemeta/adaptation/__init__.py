@@ -7,4 +7,5 @@ from ..registry import Registry
 
 OPERATORS = Registry(__name__, "adaptation operator", {
     "dual_pgd": ("dual_pgd:ExactDualPGD", "dual_pgd:SampledDualPGD"),   # the paper's A^s (Alg. 1 / Alg. 3)
+    "cgpo": ("cgpo:CGPO",),                    # CGPO (Dai et al. 2024, Alg. 1): GBE + three-case trust-region step
 })

@@ -7,4 +7,5 @@ from ..registry import Registry
 
 LEARNERS = Registry(__name__, "single-task learner", {
     "dual_pgd": ("dual_pgd:DualPGDFromScratch",),   # the paper's A^s iterated from a fresh policy
+    "cgpo": ("cgpo:CGPOLearner",),                  # CGPO (Dai et al. 2024) from a fresh policy
 })
