@@ -156,3 +156,26 @@ def test_meta_test_adapter_cgpo_runs_on_a_differentiable_scenario():
                           "methods": {"m": {"algorithm": "safemeta"}}, "metatest": {"adapter": "cgpo"}})
     scenario = build_scenario(config, "p", get_distribution("point_circle_diff", horizon=20), "cpu")
     assert type(build_operator(config, "meta_test", scenario, "m")).__name__ == "CGPO"
+
+
+def test_convergence_step_checks_the_whole_window_unlike_the_printed_code():
+    from safemeta.curves import convergence_step, printed_convergence_step
+
+    steps = np.arange(8) * 100
+    returns = np.array([0.0, 0.05, 5.0, 9.0, 9.1, 9.05, 9.1, 9.0])     # steps 0-1 agree, then it climbs
+    constraints = np.zeros(8)
+    assert printed_convergence_step(steps, returns, constraints, 1.0, 4, 0.2) == 0   # compared returns[1] only
+    assert convergence_step(steps, returns, constraints, 1.0, 4, 0.2) == 300
+    infeasible = constraints.copy()
+    infeasible[3] = 2.0                                                 # the point must be feasible
+    assert convergence_step(steps, returns, infeasible, 1.0, 4, 0.2) == 400
+    assert convergence_step(steps, returns, constraints, 1.0, 6, 0.2) == -1          # no complete window
+
+
+def test_violation_ratio_counts_violations_in_the_critical_area():
+    from safemeta.curves import violation_ratio
+
+    costs = np.array([1.0, 7.5, 7.9, 8.05, 8.3, 9.0])
+    assert violation_ratio(costs, 8.0, 1.0, 0.1) == pytest.approx(2 / 5)   # 8.3, 9.0 > 8.1; five above 7.0
+    assert violation_ratio(costs, 8.0, 1.0, np.array([0, 0, 0, 0, 0.5, 1.5])) == pytest.approx(1 / 5)  # 8.05 only
+    assert violation_ratio(np.array([1.0, 2.0]), 8.0, 1.0, 0.1) == -1.0

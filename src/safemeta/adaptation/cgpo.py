@@ -32,7 +32,7 @@ import torch
 from ..records import Var
 from ..rollout import derived_seed
 from .base import AdaptationOperator, Observation, Step
-from .gbe import Critics, CriticSettings, Estimate, estimate
+from .gbe import Critics, CriticSettings, estimate
 
 
 # --------------------------------------------------------------------------- the sub-problem (Sec. 5.1)
@@ -144,12 +144,13 @@ def next_radius(radius: float, rho: float, zeta: float, s: "CGPOSettings") -> fl
     return radius
 
 
-def step_ratios(estimate_now: Estimate, previous: SimpleNamespace, limit: float) -> tuple[float, float]:
-    """(rho, zeta) of eq. (18) for the step previous -> now (see the module docstring)."""
+def step_ratios(reward: float, cost: float, previous: SimpleNamespace, limit: float) -> tuple[float, float]:
+    """(rho, zeta) of eq. (18) for the step from `previous` to the policy now measured at
+    (reward, cost) (see the module docstring)."""
     predicted = previous.predicted_reward_change
-    rho = (estimate_now.reward - previous.reward) / predicted if predicted != 0 else math.nan
-    change = abs(estimate_now.cost - previous.cost)
-    zeta = abs(limit - estimate_now.cost) / change if change > 0 else math.inf
+    rho = (reward - previous.reward) / predicted if predicted != 0 else math.nan
+    change = abs(cost - previous.cost)
+    zeta = abs(limit - cost) / change if change > 0 else math.inf
     return rho, zeta
 
 
@@ -238,25 +239,34 @@ class CGPO(AdaptationOperator):
                            est.env_steps, est)
 
     def step(self, state, policy, observation: Observation) -> Step:
-        est, limit, s = observation.data, float(state.limits[0]), self.settings
-        rho = zeta = math.nan
-        if state.previous is not None:
-            rho, zeta = step_ratios(est, state.previous, limit)
-            if s.adapt_radius:
-                state.radius = next_radius(state.radius, rho, zeta, s)
-        g, q = est.g.double().cpu().numpy(), est.q.double().cpu().numpy()
-        delta, case = solve_subproblem(g, q, est.cost - limit, state.radius)
-        new = _moved(policy, delta)
+        est = observation.data
+        new, record = trust_region_step(state, policy, est.reward, est.cost, est.g, est.q, self.settings)
         state.critics.fit(est.windows, torch.Generator().manual_seed(derived_seed(state.seed, 2, state.iteration)))
-        state.previous = SimpleNamespace(reward=est.reward, cost=est.cost, predicted_reward_change=float(g @ delta))
         state.iteration += 1
-        record = {"case": CASES.index(case), "radius": state.radius, "rho": rho, "zeta": zeta,
-                  "predicted_reward": est.reward + float(g @ delta), "predicted_cost": [est.cost + float(q @ delta)]}
         return Step(new, np.array([math.nan]), mean_kl(policy, new, est.states), record)
 
     def return_kind(self) -> str:
         return (f"mean undiscounted episode return over {self.scenario.sampling.rollouts} reparameterised rollouts "
                 f"(the GBE rollout); cost is the mean undiscounted episode cost J_C")
+
+
+def trust_region_step(state, policy, reward: float, cost: float, g: torch.Tensor, q: torch.Tensor,
+                      s: CGPOSettings) -> tuple[object, dict]:
+    """Steps 2-3 of Alg. 1 from an estimate at theta_k: the radius of eq. (18) from the previous
+    step's outcome (`state.previous`, `state.radius`), the sub-problem, theta_k + delta. Returns
+    the new policy and the step's record; updates `state.radius` and `state.previous`."""
+    limit = float(state.limits[0])
+    rho = zeta = math.nan
+    if state.previous is not None:
+        rho, zeta = step_ratios(reward, cost, state.previous, limit)
+        if s.adapt_radius:
+            state.radius = next_radius(state.radius, rho, zeta, s)
+    g_np, q_np = g.double().cpu().numpy(), q.double().cpu().numpy()
+    delta, case = solve_subproblem(g_np, q_np, cost - limit, state.radius)
+    state.previous = SimpleNamespace(reward=reward, cost=cost, predicted_reward_change=float(g_np @ delta))
+    record = {"case": CASES.index(case), "radius": state.radius, "rho": rho, "zeta": zeta,
+              "predicted_reward": reward + float(g_np @ delta), "predicted_cost": [cost + float(q_np @ delta)]}
+    return _moved(policy, delta), record
 
 
 def _moved(policy, delta: np.ndarray):
