@@ -179,3 +179,11 @@ def test_violation_ratio_counts_violations_in_the_critical_area():
     assert violation_ratio(costs, 8.0, 1.0, 0.1) == pytest.approx(2 / 5)   # 8.3, 9.0 > 8.1; five above 7.0
     assert violation_ratio(costs, 8.0, 1.0, np.array([0, 0, 0, 0, 0.5, 1.5])) == pytest.approx(1 / 5)  # 8.05 only
     assert violation_ratio(np.array([1.0, 2.0]), 8.0, 1.0, 0.1) == -1.0
+
+
+def test_a_learner_runs_on_a_scenario_with_metatrain_overrides():
+    """The scenario's metatrain overrides are the meta-learners' business, not a learner's."""
+    config = load_config({"scenarios": {"p": {"distribution": "point_circle_diff", "metatrain": {"tasks_per_iteration": 3}}},
+                          "methods": {"m": {"algorithm": "safemeta"}},
+                          "learners": {"c": {"algorithm": "cgpo", "scenarios": ["p"]}}})
+    assert config["learners"]["c"]["algorithm"] == "cgpo"
