@@ -25,7 +25,7 @@ Protocol (ours where App. B/C is silent):
 Radius grid: the printed row labels all read 0.0001 (an extraction error); we use the squared
 radii 1e-4, 1e-3, 1e-2, 1e-1, 1 (rows 1-2 match the text's "update magnitudes <= 0.001").
 
-    python benchmarks/cgpo_tables.py                 # minutes: 20 epochs x 2 seeds
+    python benchmarks/cgpo_tables.py                 # minutes: 10 epochs x 2 seeds
     python benchmarks/cgpo_tables.py --full          # the paper's 100 epochs x 5 seeds
 Writes OUT/cgpo_table2_zobg.csv, OUT/cgpo_table3_fobg.csv (mean, std per radius and length,
 with the paper's values beside them) and OUT/cgpo_tables.png.
@@ -103,14 +103,22 @@ def fobg(dist, task, policy, rollouts: int, seed: int) -> tuple[float, torch.Ten
     return est.cost, est.q
 
 
+class OpenLoopPolicy(GaussianMLPPolicy):
+    """Diagnostic (`--open-loop`): the network sees a constant input, so its mean does not depend on x
+    and the closed loop x' = x + 0.2 a has Jacobian 1 (no amplification along the trajectory)."""
+
+    def distribution(self, obs, params=None):
+        return super().distribution(torch.zeros_like(obs), params)
+
+
 def run_cell(estimator: str, length: int, radius: float, seed: int, epochs: int, rollouts: int, n_eval: int,
-             hidden: tuple[int, ...]) -> dict[str, list[float]]:
+             hidden: tuple[int, ...], open_loop: bool = False) -> dict[str, list[float]]:
     """Relative errors (eq. 74) of every step of one run with updates of fixed squared norm `radius`
     along the CGPO step: realised on the estimate's own episodes ("same") and on fresh ones ("fresh")."""
     dist, task = function_env(length)
     limit = float(task.params["d"][0])
     torch.manual_seed(derived_seed(seed, 7))
-    policy = GaussianMLPPolicy(1, 1, hidden, -0.5)
+    policy = (OpenLoopPolicy if open_loop else GaussianMLPPolicy)(1, 1, hidden, -0.5)
     grad_of = zobg if estimator == "zobg" else fobg
     errors: dict[str, list[float]] = {"same": [], "fresh": []}
     for epoch in range(epochs):
@@ -140,12 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--rollouts", type=int, default=64, help="episodes per estimate (N)")
-    parser.add_argument("--eval", type=int, default=1024, help="episodes of the common-random-number evaluation")
+    parser.add_argument("--eval", type=int, default=512, help="episodes of the common-random-number evaluation")
     parser.add_argument("--hidden", type=int, nargs="*", default=[64, 64])
     parser.add_argument("--lengths", type=int, nargs="*", default=list(LENGTHS))
+    parser.add_argument("--estimators", nargs="*", default=["zobg", "fobg"], choices=["zobg", "fobg"])
+    parser.add_argument("--open-loop", action="store_true",
+                        help="diagnostic: a policy whose mean ignores x (files get the suffix _open_loop)")
     parser.add_argument("--out", default="results/benchmarks/cgpo")
     args = parser.parse_args(argv)
-    epochs = args.epochs or (100 if args.full else 20)
+    epochs = args.epochs or (100 if args.full else 10)
     seeds = args.seeds or (5 if args.full else 2)
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -153,12 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     lengths = tuple(args.lengths)
     stats: dict[str, np.ndarray] = {}
     start = time.perf_counter()
-    for estimator in ("zobg", "fobg"):
+    suffix = "_open_loop" if args.open_loop else ""
+    for estimator in args.estimators:
         table = np.full((2, len(RADII), len(lengths), 2), np.nan)   # [same/fresh, radius, length, mean/std]
         for i, radius in enumerate(RADII):
             for j, length in enumerate(lengths):
-                cells = [run_cell(estimator, length, radius, seed, epochs, args.rollouts, args.eval, tuple(args.hidden))
-                         for seed in range(seeds)]
+                cells = [run_cell(estimator, length, radius, seed, epochs, args.rollouts, args.eval, tuple(args.hidden),
+                                  args.open_loop) for seed in range(seeds)]
                 for m, measure in enumerate(MEASURES):
                     errors = [e for cell in cells for e in cell[measure]]
                     table[m, i, j] = (np.mean(errors), np.std(errors)) if errors else (np.nan, np.nan)
@@ -166,9 +178,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"{table[0, i, j, 1]:.4g}, fresh {table[1, i, j, 0]:.4g} +- {table[1, i, j, 1]:.4g} "
                       f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
         stats[estimator] = table
-        write_csv(out / f"cgpo_table{2 if estimator == 'zobg' else 3}_{estimator}.csv", table, lengths, estimator)
-    plot(out / "cgpo_tables.png", stats, lengths, epochs, seeds)
-    print(f"wrote {out}/cgpo_table2_zobg.csv, cgpo_table3_fobg.csv, cgpo_tables.png ({epochs} epochs x {seeds} seeds, "
+        write_csv(out / f"cgpo_table{2 if estimator == 'zobg' else 3}_{estimator}{suffix}.csv", table, lengths, estimator)
+    plot(out / f"cgpo_tables{suffix}.png", stats, lengths, epochs, seeds)
+    print(f"wrote {out}/cgpo_table*{suffix}.csv, cgpo_tables{suffix}.png ({epochs} epochs x {seeds} seeds, "
           f"N = {args.rollouts}, {time.perf_counter() - start:.0f} s)")
     return 0
 
@@ -191,12 +203,12 @@ def plot(path: Path, stats: dict[str, np.ndarray], lengths: tuple[int, ...], epo
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True, sharey=True)
+    fig, axes = plt.subplots(2, len(stats), figsize=(5.5 * len(stats), 8), sharex=True, sharey=True, squeeze=False)
     names = {"zobg": "ZoBG (eq. 69), Table 2", "fobg": "FoBG (GBE), Table 3"}
     where = {"same": "realised on the estimate's own episodes", "fresh": "realised on fresh episodes"}
     paper_lengths = [n for n in lengths if n in LENGTHS]
     for row, measure in enumerate(MEASURES):
-        for col, estimator in enumerate(("zobg", "fobg")):
+        for col, estimator in enumerate(stats):
             ax = axes[row, col]
             for i, radius in enumerate(RADII):
                 line, = ax.plot(lengths, stats[estimator][row, i, :, 0], "o-", label=f"radius {radius:g}")

@@ -266,10 +266,10 @@ def trust_region_step(state, policy, reward: float, cost: float, g: torch.Tensor
     state.previous = SimpleNamespace(reward=reward, cost=cost, predicted_reward_change=float(g_np @ delta))
     record = {"case": CASES.index(case), "radius": state.radius, "rho": rho, "zeta": zeta,
               "predicted_reward": reward + float(g_np @ delta), "predicted_cost": [cost + float(q_np @ delta)]}
-    return _moved(policy, delta), record
+    return moved_policy(policy, delta), record
 
 
-def _moved(policy, delta: np.ndarray):
+def moved_policy(policy, delta: np.ndarray):
     """A copy of `policy` with parameters theta + delta."""
     new = type(policy).from_checkpoint(policy.to_checkpoint()).to(next(policy.parameters()).device)
     theta = policy.flat()

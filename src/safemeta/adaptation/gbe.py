@@ -181,10 +181,9 @@ class Estimate:
     states: torch.Tensor       # every visited observation (detached), for the step's KL
 
 
-def estimate(env: Any, policy: Any, critics: Critics | None, window: int, generator: torch.Generator,
-             obs: torch.Tensor | None = None) -> Estimate:
-    """One reparameterised rollout of `policy` on `env` (reset here unless `obs` is given: the
-    first observation of an env already reset) with windowed back-propagation (module doc).
+def estimate(env: Any, policy: Any, critics: Critics | None, window: int, generator: torch.Generator) -> Estimate:
+    """One reparameterised rollout of `policy` on `env` (reset here) with windowed
+    back-propagation (module doc).
 
     `critics` may be None only when `window` >= the horizon (plain BPTT). Noise eps is drawn
     from `generator` (CPU) step by step.
@@ -193,7 +192,7 @@ def estimate(env: Any, policy: Any, critics: Critics | None, window: int, genera
     if critics is None and window < horizon:
         raise ValueError("windows shorter than the horizon need critics")
     params = list(policy.parameters())
-    obs = env.reset() if obs is None else obs
+    obs = env.reset()
     n = obs.shape[0]
     act_dim = policy.config["act_dim"]
     alive = torch.ones(n, dtype=torch.bool, device=obs.device)

@@ -24,7 +24,7 @@ import torch
 from ..records import Var
 from ..rollout import derived_seed
 from .base import AdaptationOperator, Observation, Step
-from .cgpo import _moved, mean_kl
+from .cgpo import moved_policy, mean_kl
 from .gbe import Critics, CriticSettings, estimate
 
 
@@ -93,7 +93,7 @@ class ShacLag(AdaptationOperator):
         delta = (s.actor_lr * m_hat / (v_hat.sqrt() + eps)).double().cpu().numpy()
         limit = float(state.limits[0])
         state.multiplier = max(0.0, used + s.lambda_lr * (est.cost - limit))   # dual ascent (eq. 78)
-        new = _moved(policy, delta)
+        new = moved_policy(policy, delta)
         state.critics.fit(est.windows, torch.Generator().manual_seed(derived_seed(state.seed, 2, state.iteration)))
         q = est.q.double().cpu().numpy()
         return Step(new, np.array([used]), mean_kl(policy, new, est.states),
