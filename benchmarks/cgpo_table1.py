@@ -6,7 +6,9 @@ Suites (`--suites`, default all):
   point_circle_diff;
 - mb: MB-CGPO (world-model gradients, Alg. 3) vs CGPO (the task's own gradients, which miss the
   floor term) on function_env_floor;
-- radius: CGPO on function_env with eq. (18)'s unstated (eta1, eta2) varied, and a static radius.
+- radius, radius_pcd: CGPO on function_env (where reward = cost, so g is parallel to q and the
+  case (c) step, the nearest point of the boundary, does not depend on the radius) and on
+  point_circle_diff with eq. (18)'s unstated (eta1, eta2) varied, and a static radius.
 
 Every run trains from a fresh policy on one task for `iterations` CGPO/SHAC-Lag iterations of
 `rollouts` episodes (task parameters: CGPO's centre values; horizon 100, d scaled with it; on
@@ -67,6 +69,7 @@ SUITES = {
                ("point_circle_diff", "shac_lag")],
     "mb": [("function_env_floor", "cgpo"), ("function_env_floor", "mb_cgpo")],
     "radius": [("function_env", label) for label in ALGORITHMS if label.startswith("cgpo ")],
+    "radius_pcd": [("point_circle_diff", label) for label in ALGORITHMS if label.startswith("cgpo ")],
 }
 WINDOW, THRESHOLD_FRACTION, AREA_FRACTION, SE_MARGIN = 10, 0.1, 0.1, 2.0
 
@@ -87,13 +90,23 @@ def run(task_name: str, label: str, seed: int, iterations: int, rollouts: int) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suites", nargs="*", default=list(SUITES), choices=list(SUITES))
+    parser.add_argument("--suites", nargs="*", default=["table1", "mb", "radius"], choices=list(SUITES),
+                        help="default: table1 mb radius (files cgpo_table1*); any other choice adds its names "
+                             "to the file names")
     parser.add_argument("--full", action="store_true", help="Table 4's size: 100 iterations x 5 seeds")
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--rollouts", type=int, default=64)
     parser.add_argument("--out", default="results/benchmarks/cgpo")
+    parser.add_argument("--replot", metavar="CURVES_CSV", help="redraw figure and table from a curves CSV this "
+                                                                   "script wrote, without running")
     args = parser.parse_args(argv)
+    if args.replot:
+        curves = read_curves(Path(args.replot))
+        tag = Path(args.replot).stem.removeprefix("cgpo_curves")
+        write(Path(args.replot).parent, metrics(curves), curves, tag)
+        plot(Path(args.replot).parent / f"cgpo_table1{tag}.png", curves)
+        return 0
     iterations = args.iterations or (100 if args.full else 60)
     seeds = args.seeds or (5 if args.full else 3)
     torch.set_num_threads(1)
@@ -109,13 +122,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{task_name} {label} seed {seed}: final J_R {c['reward'][-1]:.3f} J_C {c['cost'][-1]:.3f} "
                       f"(b = {c['limit']:g}; {time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     rows = metrics(curves)
-    write(out, rows, curves)
-    plot(out / "cgpo_table1.png", curves)
+    tag = "" if args.suites == ["table1", "mb", "radius"] else "_" + "_".join(args.suites)
+    write(out, rows, curves, tag)
+    plot(out / f"cgpo_table1{tag}.png", curves)
     for row in rows:
         if row["seed"] == "mean":
             print(f"{row['task']:>20} {row['algorithm']:>22}: Conv. Steps {row['conv_steps']}  Vio. Ratio (%) "
                   f"{row['vio_ratio_pct']}  final J_C {row['final_cost']} (b = {row['limit']})")
-    print(f"wrote {out}/cgpo_table1.csv, cgpo_curves.csv, cgpo_table1.png ({iterations} iterations x {seeds} seeds, "
+    print(f"wrote {out}/cgpo_table1{tag}.csv, cgpo_curves{tag}.csv, cgpo_table1{tag}.png ({iterations} iterations x {seeds} seeds, "
           f"N = {args.rollouts}, {time.perf_counter() - start:.0f} s)")
     return 0
 
@@ -156,12 +170,12 @@ def _mean_std(values: np.ndarray, note: str = "") -> str:
     return f"{text} ({note})" if note else text
 
 
-def write(out: Path, rows: list[dict[str, object]], curves) -> None:
-    with (out / "cgpo_table1.csv").open("w", newline="") as fh:
+def write(out: Path, rows: list[dict[str, object]], curves, tag: str) -> None:
+    with (out / f"cgpo_table1{tag}.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    with (out / "cgpo_curves.csv").open("w", newline="") as fh:
+    with (out / f"cgpo_curves{tag}.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["task", "algorithm", "seed", "iterate", "env_steps", "reward", "cost", "cost_se", "limit"])
         for (task_name, label), runs in curves.items():
@@ -169,6 +183,20 @@ def write(out: Path, rows: list[dict[str, object]], curves) -> None:
                 for k in range(len(r["reward"])):
                     writer.writerow([task_name, label, seed, k, int(r["env_steps"][k]), f"{r['reward'][k]:.6g}",
                                      f"{r['cost'][k]:.6g}", f"{r['cost_se'][k]:.4g}", r["limit"]])
+
+
+def read_curves(path: Path) -> dict[tuple[str, str], list[dict[str, np.ndarray]]]:
+    """The curves of a cgpo_curves*.csv, as `run` returns them."""
+    rows: dict[tuple[str, str, int], list[dict[str, str]]] = {}
+    with path.open() as fh:
+        for row in csv.DictReader(fh):
+            rows.setdefault((row["task"], row["algorithm"], int(row["seed"])), []).append(row)
+    curves: dict[tuple[str, str], list[dict[str, np.ndarray]]] = {}
+    for (task_name, label, _), items in rows.items():
+        items.sort(key=lambda r: int(r["iterate"]))
+        curve = {key: np.array([float(r[key]) for r in items]) for key in ("env_steps", "reward", "cost", "cost_se")}
+        curves.setdefault((task_name, label), []).append({**curve, "limit": float(items[0]["limit"])})
+    return curves
 
 
 def plot(path: Path, curves) -> None:
@@ -180,6 +208,7 @@ def plot(path: Path, curves) -> None:
     tasks = list(dict.fromkeys(task for task, _ in curves))
     fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 6.5), squeeze=False)
     for col, task_name in enumerate(tasks):
+        limit = next(runs[0]["limit"] for (t, _), runs in curves.items() if t == task_name)
         for (t, label), runs in curves.items():
             if t != task_name:
                 continue
@@ -189,7 +218,7 @@ def plot(path: Path, curves) -> None:
                 line, = axes[row, col].plot(steps, values.mean(0), label=label)
                 axes[row, col].fill_between(steps, values.mean(0) - values.std(0), values.mean(0) + values.std(0),
                                             color=line.get_color(), alpha=0.2)
-        axes[1, col].axhline(runs[0]["limit"], color="k", ls="--", lw=1)
+        axes[1, col].axhline(limit, color="k", ls="--", lw=1)
         axes[0, col].set_title(task_name)
         axes[1, col].set_xlabel("environment steps")
         axes[0, col].legend(fontsize=7)
