@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..records import Var
+from ..registry import OptionError
 from ..rollout import derived_seed
 from .base import AdaptationOperator, Observation, Step
 from .gbe import Critics, CriticSettings, estimate
@@ -182,10 +183,14 @@ class CGPOSettings:
                               self.td_lambda)
 
 
-def check_radius_options(s: "CGPOSettings") -> None:
-    """Cross-option checks of eq. (18): lower <= init <= upper, beta1 < 1 < beta2, eta1 < eta2."""
-    from ..plugins import OptionError
+RADIUS_RULE = ("radius_lower", "radius_upper", "beta1", "beta2", "eta1", "eta2")   # eq. (18)'s own options
 
+
+def check_radius_options(s: "CGPOSettings") -> None:
+    """Cross-option checks of eq. (18): lower <= init <= upper, beta1 < 1 < beta2, eta1 < eta2
+    (none when the radius is static)."""
+    if not s.adapt_radius:
+        return
     if not s.radius_lower <= s.radius_init <= s.radius_upper:
         raise OptionError("radius_init", f"radius_init {s.radius_init} must lie in [radius_lower, radius_upper] = "
                                          f"[{s.radius_lower}, {s.radius_upper}]")
@@ -215,8 +220,12 @@ class CGPO(AdaptationOperator):
     step_vars = CGPO_STEP_VARS
 
     @classmethod
-    def check_options(cls, settings: CGPOSettings) -> None:
+    def check_options(cls, settings: CGPOSettings, given: frozenset[str] = frozenset()) -> None:
         check_radius_options(settings)
+
+    @classmethod
+    def ignored(cls, settings: CGPOSettings) -> dict[str, str]:
+        return {} if settings.adapt_radius else {k: "adapt_radius is false (a static radius)" for k in RADIUS_RULE}
 
     def start(self, task, policy, seed: int):
         state = super().start(task, policy, seed)
