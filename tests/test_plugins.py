@@ -34,7 +34,11 @@ SCENARIOS = {
                        "n_test_tasks": 2, "rollouts": 4, "policy": {"hidden": [8]}},
 }
 # Options that keep an algorithm's contract run small (its defaults stay what the schema says).
-SMALL: dict[str, dict] = {}
+SMALL: dict[str, dict] = {
+    "cgpo": {"adaptation": {"critic_updates": 2}},
+    "shac_lag": {"adaptation": {"critic_updates": 2}},
+    "mb_cgpo": {"adaptation": {"critic_updates": 2, "model_updates": 2}},
+}
 METATRAIN = {"iterations": 2, "tasks_per_iteration": 2, "eval_every": 1}
 
 

@@ -60,11 +60,16 @@ def algorithm_class(config: dict[str, Any], section: str, scenario: str, label: 
 
 
 def operator_class(config: dict[str, Any], name: str, scenario: str, kind: str, key: str) -> type:
+    """The operator's class for the algorithm's `kind`, else (a meta-test adapter) for another kind
+    of the scenario whose policies have the same form (tabular for exact, a network otherwise),
+    e.g. a differentiable operator adapting a meta-policy trained by a sampled method."""
     if name not in OPERATORS:
         raise ConfigError(f"config key '{key}': unknown adaptation operator {name!r} (known: {', '.join(OPERATORS.names())})")
-    for cls in OPERATORS.classes(name):
-        if kind in cls.kinds:
-            return cls
+    same_form = [k for k in _distribution_kinds(config, scenario) if k != kind and (k == "exact") == (kind == "exact")]
+    for candidate in (kind, *same_form):
+        for cls in OPERATORS.classes(name):
+            if candidate in cls.kinds:
+                return cls
     raise ConfigError(f"config key '{key}': adaptation operator {name!r} does not run on {kind} scenarios "
                       f"(scenario {scenario})")
 
@@ -239,10 +244,10 @@ def _check_pair(raw: dict[str, Any], resolved: dict[str, Any], section: str, sce
     reads = _fields(cls) - set(ignored)
     given = {f"{section}.{label}.{k}": k for k in _given(raw, section, label)
              if k not in ("algorithm", "adaptation", "scenarios")}
-    if section == "methods":
+    if section == "methods":   # the scenario's metatrain overrides concern meta-learners only
         given.update({f"scenarios.{scenario}.methods.{label}.{k}": k
                       for k in _given(raw, "scenarios", scenario, "methods", label) if k != "adaptation"})
-    given.update({f"scenarios.{scenario}.metatrain.{k}": k for k in _given(raw, "scenarios", scenario, "metatrain")})
+        given.update({f"scenarios.{scenario}.metatrain.{k}": k for k in _given(raw, "scenarios", scenario, "metatrain")})
     _refuse_unread(given, reads, what, scenario, ignored)
     try:
         cls.check_options(algo_settings, frozenset(given.values()))

@@ -7,4 +7,7 @@ from ..registry import Registry
 
 OPERATORS = Registry(__name__, "adaptation operator", {
     "dual_pgd": ("dual_pgd:ExactDualPGD", "dual_pgd_sampled:SampledDualPGD"),   # the paper's A^s (Alg. 1 / Alg. 3)
+    "cgpo": ("cgpo:CGPO",),                    # CGPO (Dai et al. 2024, Alg. 1): GBE + three-case trust-region step
+    "mb_cgpo": ("mb_cgpo:MBCGPO",),            # MB-CGPO (App. F.4, Alg. 3): CGPO's gradients from a learned world model
+    "shac_lag": ("shac_lag:ShacLag",),         # SHAC-Lag (App. F.1): primal-dual on the same gradients, no trust region
 })

@@ -15,6 +15,11 @@ substep old, as gymnasium's MuJoCo envs give them). After `set_state` they are e
 
 `EpisodeClock` is the BatchEnv bookkeeping the MuJoCo families share: step counter, which copies
 have terminated (they stay frozen with zero reward and cost until reset), tensor conversion.
+
+Gradients (a differentiable step, for tasks that offer one): `BatchSim.step_jacobians` steps and
+returns MuJoCo's finite-difference transition Jacobians of every copy (mjd_transitionFD per
+substep, chained over the frame skip); `FDTransition` turns them into an autograd function, so
+a torch graph of state and controls passes through the simulator.
 """
 from __future__ import annotations
 
@@ -116,6 +121,48 @@ class BatchSim:
         for f in futures:
             f.result()
 
+    def step_jacobians(self, ctrl: np.ndarray, active: np.ndarray | None = None, eps: float = 1e-6,
+                       centered: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """`step`, also returning each copy's transition Jacobians of the whole env step:
+        A = dx'/dx [N, n, n] and B = dx'/dctrl [N, n, nu], x = (qpos tangent, qvel, act), n = 2 nv + na.
+
+        Per physics substep MuJoCo's finite differences (mjd_transitionFD, at the substep's state
+        and the env step's controls) give (A_i, B_i); over frame_skip substeps with the control
+        held, A = A_k ... A_1 and B = sum_i A_k ... A_{i+1} B_i. Copies not active keep A = I, B = 0.
+        """
+        active = np.ones(self.num_envs, bool) if active is None else active
+        n, nu = 2 * self.model.nv + self.model.na, self.model.nu
+        jac_a = np.broadcast_to(np.eye(n), (self.num_envs, n, n)).copy()
+        jac_b = np.zeros((self.num_envs, n, nu))
+        work = [(lo, hi, ctrl, active, jac_a, jac_b, eps, centered) for lo, hi in self._chunks]
+        if self._executor is None:
+            for args in work:
+                self._run_jacobians(*args)
+        else:
+            for f in [self._executor.submit(self._run_jacobians, *args) for args in work]:
+                f.result()
+        return jac_a, jac_b
+
+    def _run_jacobians(self, lo: int, hi: int, ctrl: np.ndarray, active: np.ndarray, jac_a: np.ndarray,
+                       jac_b: np.ndarray, eps: float, centered: bool) -> None:
+        m, post, buffers = self.model, self.post_constraint, self.buffers
+        n = 2 * m.nv + m.na
+        a_sub, b_sub = np.zeros((n, n)), np.zeros((n, m.nu))
+        for i in range(lo, hi):
+            if not active[i]:
+                continue
+            d = self.datas[i]
+            self._ctrl_views[i][:] = ctrl[i]
+            for _ in range(self.frame_skip):
+                mujoco.mjd_transitionFD(m, d, eps, centered, a_sub, b_sub, None, None)
+                jac_b[i] = a_sub @ jac_b[i] + b_sub
+                jac_a[i] = a_sub @ jac_a[i]
+                mujoco.mj_step(m, d)
+            if post:
+                mujoco.mj_rnePostConstraint(m, d)
+            for name, view in self._views[i]:
+                buffers[name][i] = view
+
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False)
@@ -154,6 +201,25 @@ class EpisodeClock:
         truncated = np.full(self.num_envs, self.t >= self.horizon)
         return StepResult(obs=self.tensor(obs.astype(np.float32)), reward=self.tensor(reward), cost=self.tensor(cost),
                           terminated=self.tensor(self.done.copy()), truncated=self.tensor(truncated))
+
+
+class FDTransition(torch.autograd.Function):
+    """x' as a differentiable function of (x, u) whose backward pass multiplies by the
+    finite-difference Jacobians of `BatchSim.step_jacobians`: dL/dx = dL/dx' A, dL/du = dL/dx' B.
+
+    apply(x [N, n], u [N, nu], A [N, n, n], B [N, n, nu], x_next [N, n]) -> x_next (the values the
+    simulator computed, carrying the graph to x and u)."""
+
+    @staticmethod
+    def forward(ctx, state, ctrl, jac_a, jac_b, next_state):
+        ctx.save_for_backward(jac_a, jac_b)
+        return next_state.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        jac_a, jac_b = ctx.saved_tensors
+        g = grad.to(jac_a.dtype)[:, None, :]
+        return (g @ jac_a)[:, 0].to(grad.dtype), (g @ jac_b)[:, 0].to(grad.dtype), None, None, None
 
 
 def as_numpy_actions(actions: Any, num_envs: int, low: np.ndarray, high: np.ndarray) -> np.ndarray:
