@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from ..records import Var
+from ..rollout import derived_seed
 from .base import AdaptationOperator, Observation, Step
 from .dual_pgd import DualSolution, as_vector, projected_gradient_descent
 
@@ -71,6 +72,7 @@ class SampledAdaptationSettings:
     dual_max_iter: int
     cg_iters: int
     cg_damping: float
+    fisher_subsample: float
 
 
 @dataclass
@@ -138,8 +140,10 @@ class StepModel:
         return Sensitivity([-(xj + float(dj) * step) / e for xj, dj in zip(self.x_c, deta)], dpred, u > 0)
 
 
-def step_model(policy: "NeuralPolicy", batch: "Batch", settings: SampledAdaptationSettings) -> StepModel:
-    """g, h_i and the Fisher of pi_phi from its batch, solved into the `StepModel` of (*)."""
+def step_model(policy: "NeuralPolicy", batch: "Batch", settings: SampledAdaptationSettings,
+               seed: int | None = None) -> StepModel:
+    """g, h_i and the Fisher of pi_phi from its batch, solved into the `StepModel` of (*); `seed`
+    draws the Fisher's state subsample (`fisher_subsample` < 1)."""
     from ..optim import conjugate_gradient, fisher_vector_product, flat_grad
     from ..rollout import time_baseline
 
@@ -159,7 +163,7 @@ def step_model(policy: "NeuralPolicy", batch: "Batch", settings: SampledAdaptati
     logp = policy.log_prob(obs, actions)
     g = flat_grad((nu * adv * logp).sum() / scale, params, retain_graph=True)
     h = [flat_grad((con_w * con[:, i] * logp).sum(), params, retain_graph=True) for i in range(p)]
-    fvp_plain = fisher_vector_product(policy, obs, nu)
+    fvp_plain = fisher_vector_product(policy, obs, nu, subsample=settings.fisher_subsample, seed=seed)
 
     def fvp(v):
         return fvp_plain(v) + settings.cg_damping * v
@@ -176,12 +180,13 @@ def step_model(policy: "NeuralPolicy", batch: "Batch", settings: SampledAdaptati
 
 
 def adapt_sampled(policy: "NeuralPolicy", batch: "Batch", limits: np.ndarray, settings: SampledAdaptationSettings,
-                  kl_scale: float = 1.0) -> SampledAdaptResult:
+                  kl_scale: float = 1.0, seed: int | None = None) -> SampledAdaptResult:
     """A^s of pi_phi = `policy` from one batch of its rollouts (module docstring).
 
-    `kl_scale` multiplies the KL budget (the operator's fallback after a missed prediction).
+    `kl_scale` multiplies the KL budget (the operator's fallback after a missed prediction);
+    `seed` draws the Fisher's state subsample.
     """
-    model = step_model(policy, batch, settings)
+    model = step_model(policy, batch, settings, seed)
     p = model.J_c.shape[0]
     se = batch.constraint_value_se.detach().double().cpu().numpy()
     allowed = np.asarray(limits, dtype=np.float64) + as_vector(settings.delta, p, "delta")   # d + delta
@@ -270,7 +275,7 @@ class SampledDualPGD(AdaptationOperator):
 
     def start(self, task, policy, seed):
         state = super().start(task, policy, seed)
-        state.kl_scale, state.last = 1.0, None
+        state.kl_scale, state.last, state.seed, state.steps = 1.0, None, int(seed), 0
         return state
 
     def observe(self, state, policy, seed: int) -> Observation:
@@ -285,7 +290,9 @@ class SampledDualPGD(AdaptationOperator):
                            batch)
 
     def step(self, state, policy, observation: Observation) -> Step:
-        res = adapt_sampled(policy, observation.data, state.limits, self.settings, state.kl_scale)
+        res = adapt_sampled(policy, observation.data, state.limits, self.settings, state.kl_scale,
+                            derived_seed(state.seed, 2, state.steps))
+        state.steps += 1
         state.last = (res.predicted_cost, observation.cost_se)
         record = {"feasible": res.feasible, "converged": res.converged, "predicted_cost": res.predicted_cost,
                   "cost_limit_used": res.limit, "lam": res.lam, "kl_scale": state.kl_scale}

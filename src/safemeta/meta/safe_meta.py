@@ -62,6 +62,7 @@ class SampledMetaTrainSettings:
     max_kl: float
     cg_iters: int
     cg_damping: float
+    fisher_subsample: float
     backtrack_steps: int
     eval_every: int
     eval_tasks: int | None
@@ -247,7 +248,7 @@ class SampledSafeMeta(MetaLearner):
         n_violating = sum(e[0] == "cost" for e in entries)
         if settings.switch == "any" and n_violating:
             entries = [e for e in entries if e[0] == "cost"]
-        step, grad_norm = _trpo_meta_step(meta, entries, settings, n)
+        step, grad_norm = _trpo_meta_step(meta, entries, settings, n, derived_seed(seed, n, 9))
         record.update(_batch_record(batch_stats), n_violating=n_violating, step_accepted=step.accepted,
                       step_kl=step.kl, step_improvement=step.improvement, grad_norm=grad_norm)
         record["time_sampling"], record["time_compute"] = t_sampling, time.perf_counter() - start - t_sampling
@@ -255,8 +256,10 @@ class SampledSafeMeta(MetaLearner):
         state.iteration, state.policy = n + 1, meta.to_checkpoint()
 
 
-def _trpo_meta_step(meta: NeuralPolicy, entries: list, settings: SampledMetaTrainSettings, n: int):
-    """One TRPO step on the mean of the entries' surrogates (lines 8 / 12)."""
+def _trpo_meta_step(meta: NeuralPolicy, entries: list, settings: SampledMetaTrainSettings, n: int,
+                    seed: int | None = None):
+    """One TRPO step on the mean of the entries' surrogates (lines 8 / 12); `seed` draws the
+    Fisher's state subsample (`fisher_subsample` < 1)."""
     params = list(meta.parameters())
     objective_at = lambda prm: sum(e[1](prm) for e in entries) / len(entries)  # noqa: E731
     grad = flat_grad(objective_at(None), params)
@@ -277,7 +280,8 @@ def _trpo_meta_step(meta: NeuralPolicy, entries: list, settings: SampledMetaTrai
         with torch.no_grad():
             return float((w * meta.kl(obs, reference, meta.unflatten(flat))).sum())
 
-    step = trpo_step(phi, grad.detach(), fisher_vector_product(meta, obs, w), objective, kl, settings.max_kl,
+    fvp = fisher_vector_product(meta, obs, w, subsample=settings.fisher_subsample, seed=seed)
+    step = trpo_step(phi, grad.detach(), fvp, objective, kl, settings.max_kl,
                      cg_iters=settings.cg_iters, damping=settings.cg_damping, backtrack_steps=settings.backtrack_steps)
     meta.load_flat(step.params)
     return step, float(grad.norm())
