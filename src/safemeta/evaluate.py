@@ -10,6 +10,11 @@ predecessor, the computation time and the operator's own step variables.
 - single-task learners: the loop from a fresh policy;
 - meta-training's evaluation: the loop with K = 1 (meta-policy and its one-step adaptation).
 
+`adaptation_sequences` runs the loops of several tasks in lockstep: at every k the tasks'
+policies are observed together (`AdaptationOperator.observe_tasks`: one batch of all tasks'
+rollouts), then each task takes its step; every task's draws come from its own seeds, so each
+sequence is the one `adaptation_sequence` gives.
+
 This module knows operators (adaptation/), never meta-learners.
 """
 from __future__ import annotations
@@ -49,26 +54,37 @@ def adaptation_sequence(operator: AdaptationOperator, task: Task, policy: Any, s
 
     `seed_of_step(k)` seeds the exploration of pi_[k]; `start_seed` the operator's own draws.
     """
-    p = operator.scenario.limits(task).shape[0]
-    sizes = {"constraint": p}
+    return adaptation_sequences(operator, [task], [policy], steps, [seed_of_step], [start_seed])[0]
+
+
+def adaptation_sequences(operator: AdaptationOperator, tasks: list[Task], policies: list[Any], steps: int,
+                         seed_of_steps: list[Callable[[int], int]], start_seeds: list[int]) -> list[dict[str, np.ndarray]]:
+    """`adaptation_sequence` of each task (with its policy, step seeds and start seed), the tasks'
+    observations of each k collected together (module docstring)."""
     specs = sequence_vars(operator)
-    out = {name: np.full((steps + 1, *[sizes[d] for d in var.dims[1:]]), var.initial) for name, var in specs.items()}
-    state = operator.start(task, policy, start_seed)
-    current = policy
+    outs = []
+    for task in tasks:
+        sizes = {"constraint": operator.scenario.limits(task).shape[0]}
+        outs.append({name: np.full((steps + 1, *[sizes[d] for d in var.dims[1:]]), var.initial)
+                     for name, var in specs.items()})
+    states = [operator.start(task, policy, seed) for task, policy, seed in zip(tasks, policies, start_seeds)]
+    current = list(policies)
     for k in range(steps + 1):
-        obs = operator.observe(state, current, seed_of_step(k))
-        out["reward"][k], out["cost"][k], out["cost_se"][k] = obs.reward, obs.cost, obs.cost_se
-        out["time_sampling"][k], out["env_steps"][k] = obs.time_sampling, obs.env_steps
-        if k < steps:
-            t0 = time.perf_counter()
-            step = operator.step(state, current, obs)
-            out["time"][k + 1] = time.perf_counter() - t0
-            out["u"][k + 1], out["kl"][k + 1] = step.u, step.kl
-            for name, value in step.record.items():
-                out[name][k + 1] = value
-            current = step.policy
-    out["policy"] = current
-    return out
+        observations = operator.observe_tasks(states, current, [seed_of(k) for seed_of in seed_of_steps])
+        for j, (out, state, obs) in enumerate(zip(outs, states, observations)):
+            out["reward"][k], out["cost"][k], out["cost_se"][k] = obs.reward, obs.cost, obs.cost_se
+            out["time_sampling"][k], out["env_steps"][k] = obs.time_sampling, obs.env_steps
+            if k < steps:
+                t0 = time.perf_counter()
+                step = operator.step(state, current[j], obs)
+                out["time"][k + 1] = time.perf_counter() - t0
+                out["u"][k + 1], out["kl"][k + 1] = step.u, step.kl
+                for name, value in step.record.items():
+                    out[name][k + 1] = value
+                current[j] = step.policy
+    for out, policy in zip(outs, current):
+        out["policy"] = policy
+    return outs
 
 
 def stack(sequences: list[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -79,11 +95,10 @@ def stack(sequences: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 def meta_test(operator: AdaptationOperator, tasks: list[Task], policy: Any, steps: int, seed: int) -> dict[str, np.ndarray]:
     """The meta-test of Cor. 1: the loop from the meta-policy on every test task.
 
-    Task j explores pi_[k] with seed derived_seed(derived_seed(seed, j), k).
+    Task j explores pi_[k] with seed derived_seed(derived_seed(seed, j), k); the tasks step together
+    (`adaptation_sequences`).
     """
-    sequences = []
-    for j, task in enumerate(tasks):
-        task_seed = derived_seed(seed, j)
-        sequences.append(adaptation_sequence(operator, task, policy, steps, lambda k, s=task_seed: derived_seed(s, k),
-                                             start_seed=derived_seed(task_seed, 1 << 20)))
-    return stack(sequences)
+    task_seeds = [derived_seed(seed, j) for j in range(len(tasks))]
+    return stack(adaptation_sequences(operator, tasks, [policy] * len(tasks), steps,
+                                      [lambda k, s=s: derived_seed(s, k) for s in task_seeds],
+                                      [derived_seed(s, 1 << 20) for s in task_seeds]))

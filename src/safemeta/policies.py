@@ -75,6 +75,13 @@ class NeuralPolicy(torch.nn.Module):
         raise NotImplementedError
 
     def sample(self, obs: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Actions a ~ pi(.|s) for the rows of obs and their log-probabilities (no gradients)."""
+        return self.sample_blocks(obs, [generator])
+
+    def sample_blocks(self, obs: torch.Tensor, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`sample` of each of len(generators) equal consecutive blocks of rows with its own
+        generator (the draws of block k are those `sample` of its rows alone takes from
+        generators[k]), from one forward pass over all rows."""
         raise NotImplementedError
 
     def kl(self, obs: torch.Tensor, reference, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -142,11 +149,13 @@ class GaussianMLPPolicy(NeuralPolicy):
     def log_prob(self, obs, actions, params=None):
         return self.distribution(obs, params).log_prob(actions)
 
-    def sample(self, obs, generator):
+    def sample_blocks(self, obs, generators):
         with torch.no_grad():
             dist = self.distribution(obs)
             mean, std = dist.base_dist.loc, dist.base_dist.scale
-            actions = mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+            shape = (mean.shape[0] // len(generators), *mean.shape[1:])
+            noise = torch.cat([torch.randn(shape, generator=g, dtype=mean.dtype) for g in generators])
+            actions = mean + std * noise.to(mean.device)
             return actions, dist.log_prob(actions)
 
     def rsample(self, obs: torch.Tensor, noise: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -172,10 +181,12 @@ class CategoricalMLPPolicy(NeuralPolicy):
     def log_prob(self, obs, actions, params=None):
         return self.distribution(obs, params).log_prob(actions)
 
-    def sample(self, obs, generator):
+    def sample_blocks(self, obs, generators):
         with torch.no_grad():
             dist = self.distribution(obs)
-            actions = torch.multinomial(dist.probs.cpu(), 1, generator=generator).squeeze(-1).to(obs.device)
+            probs = dist.probs.cpu().chunk(len(generators))
+            actions = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+            actions = actions.squeeze(-1).to(obs.device)
             return actions, dist.log_prob(actions)
 
 

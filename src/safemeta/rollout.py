@@ -1,7 +1,14 @@
 """Batched on-policy sampling and the Monte-Carlo quantities the algorithms use (App. E.1).
 
 `collect` runs one policy on all copies of a task's BatchEnv for one horizon; the policy is
-evaluated once per step for the whole batch. A `Batch` is time-major ([T, N, ...]) and holds:
+evaluated once per step for the whole batch. `collect_tasks` does the same on a BatchEnv of
+several tasks (`TaskDistribution.make_envs`), each task's block with its own policy and
+generator: one forward pass per step for all blocks that share a policy (a meta-policy on the
+tasks of an iteration), and per task the Batch that `collect` on that task alone gives, bit for
+bit (the draws per block are the same; row-wise network outputs do not depend on the other rows
+of the forward pass: measured for MKL on one thread, the configuration of the jobs, and tested).
+`rollout_policies` is `rollout_policy` for several tasks in one env. A `Batch` is time-major
+([T, N, ...]) and holds:
 - Q estimates as discounted returns-to-go, Q(s_t, a_t) ~ sum_{k>=t} gamma^{k-t} r_k (no value
   network, as App. E.1; truncated at the horizon);
 - the constrained cost J_c = mean over rollouts of sum_t constraint_gamma^t c_t (with
@@ -115,26 +122,59 @@ class Batch:
 def collect(env, policy: NeuralPolicy, generator: torch.Generator, gamma: float,
             constraint_gamma: float = 1.0) -> Batch:
     """One horizon of `policy` on every copy of `env` (reset first)."""
+    return collect_tasks(env, [policy], [generator], gamma, constraint_gamma)[0]
+
+
+def collect_tasks(env, policies: list[NeuralPolicy], generators: list[torch.Generator], gamma: float,
+                  constraint_gamma: float = 1.0) -> list[Batch]:
+    """One horizon on every copy of `env`, whose copies form len(policies) equal consecutive
+    blocks (one per task): block k acts by policies[k], drawing from generators[k]. Block k's
+    Batch ends where its own copies have all terminated, as `collect` on that task alone would;
+    each Batch's sampling time is its share, by steps taken, of the whole collection's."""
     start = time.perf_counter()
     obs = env.reset()
-    N = env.num_envs
-    alive = torch.ones(N, dtype=torch.bool, device=obs.device)
+    K = len(policies)
+    n = env.num_envs // K
+    groups = _policy_groups(policies)
+    alive = torch.ones(env.num_envs, dtype=torch.bool, device=obs.device)
+    length = [0] * K                             # steps recorded per block (its own stop)
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("obs", "actions", "log_prob", "reward", "cost", "alive")}
-    for _ in range(env.horizon):
-        actions, log_prob = policy.sample(obs, generator)
+    for t in range(env.horizon):
+        drawn = [policy.sample_blocks(obs[a * n:b * n], generators[a:b]) for policy, a, b in groups]
+        actions, log_prob = (torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*drawn))
         step = env.step(actions)
         for key, value in (("obs", obs), ("actions", actions), ("log_prob", log_prob), ("reward", step.reward),
                            ("cost", step.cost), ("alive", alive.clone())):
             rows[key].append(value)
+        was_alive = alive.reshape(K, n).any(1).tolist()
         alive = alive & ~step.terminated
         obs = step.obs
+        for k in range(K):
+            length[k] += was_alive[k]
         if not alive.any() or bool(step.truncated.all()):
             break
     stacked = {k: torch.stack(v) for k, v in rows.items()}
     for key in ("reward", "cost"):
         stacked[key] = stacked[key].to(stacked["obs"].dtype)
-    return Batch(**stacked, gamma=float(gamma), constraint_gamma=float(constraint_gamma),
-                 sampling_time=time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    steps = stacked["alive"].reshape(stacked["alive"].shape[0], K, n).sum((0, 2)).tolist()
+    batches = []
+    for k in range(K):
+        part = {key: (v if K == 1 else v[:length[k], k * n:(k + 1) * n].clone()) for key, v in stacked.items()}
+        batches.append(Batch(**part, gamma=float(gamma), constraint_gamma=float(constraint_gamma),
+                             sampling_time=elapsed * steps[k] / max(sum(steps), 1)))
+    return batches
+
+
+def _policy_groups(policies: list[NeuralPolicy]) -> list[tuple[NeuralPolicy, int, int]]:
+    """Runs [a, b) of consecutive blocks that share one policy object: (policy, a, b)."""
+    groups: list[tuple[NeuralPolicy, int, int]] = []
+    for k, policy in enumerate(policies):
+        if groups and groups[-1][0] is policy:
+            groups[-1] = (policy, groups[-1][1], k + 1)
+        else:
+            groups.append((policy, k, k + 1))
+    return groups
 
 
 # --------------------------------------------------------------------------- seeded sampling of one policy
@@ -158,10 +198,25 @@ def rollout_policy(dist: Any, task: Any, policy: NeuralPolicy, sampling: Samplin
     """`sampling.rollouts` episodes of `policy` on `task` of distribution `dist`, all draws from `seed`.
     Its sampling time includes building the environment (for an external simulator such as the
     Safety-Gymnasium worker, a large part)."""
+    return rollout_policies(dist, [task], [policy], sampling, [seed], device)[0]
+
+
+def rollout_policies(dist: Any, tasks: list[Any], policies: list[NeuralPolicy], sampling: SamplingSettings,
+                     seeds: list[int], device: Any = "cpu") -> list[Batch]:
+    """`rollout_policy` of each (task, policy, seed), all tasks stepped as one batch (`collect_tasks`);
+    each Batch is the one `rollout_policy` gives, and carries a share of the build time."""
     start = time.perf_counter()
-    env = dist.make_env(task, sampling.rollouts, derived_seed(seed, 0), device)
-    built = time.perf_counter() - start
-    generator = torch.Generator(device="cpu").manual_seed(derived_seed(seed, 1))
-    batch = collect(env, policy, generator, sampling.gamma, sampling.constraint_gamma)
-    batch.sampling_time += built
-    return batch
+    if len(tasks) == 1:
+        env = dist.make_env(tasks[0], sampling.rollouts, derived_seed(seeds[0], 0), device)
+    elif hasattr(dist, "make_envs"):
+        env = dist.make_envs(tasks, sampling.rollouts, [derived_seed(s, 0) for s in seeds], device)
+    else:   # a distribution without the multi-task factory: its envs one after another
+        from .tasks.base import ConcatEnv
+
+        env = ConcatEnv([dist.make_env(t, sampling.rollouts, derived_seed(s, 0), device) for t, s in zip(tasks, seeds)])
+    built = (time.perf_counter() - start) / len(tasks)
+    generators = [torch.Generator(device="cpu").manual_seed(derived_seed(s, 1)) for s in seeds]
+    batches = collect_tasks(env, policies, generators, sampling.gamma, sampling.constraint_gamma)
+    for batch in batches:
+        batch.sampling_time += built
+    return batches

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .rollout import Batch, SamplingSettings, derived_seed, rollout_policy
+from .rollout import Batch, SamplingSettings, derived_seed, rollout_policies, rollout_policy
 from .tasks import Task, TaskDistribution
 
 
@@ -38,6 +38,10 @@ class Scenario:
     def rollout(self, task: Task, policy: Any, seed: int) -> Batch:
         """`sampling.rollouts` episodes of `policy` on `task`, every draw from `seed`."""
         return rollout_policy(self.distribution, task, policy, self.sampling, seed, self.device)
+
+    def rollout_tasks(self, tasks: list[Task], policies: list[Any], seeds: list[int]) -> list[Batch]:
+        """`rollout` of each (task, policy, seed), all tasks stepped as one batch (the same Batches)."""
+        return rollout_policies(self.distribution, tasks, policies, self.sampling, seeds, self.device)
 
     def fresh_policy(self, task: Task, seed: int, kind: str):
         """A newly initialised policy for the task's spaces: the uniform tabular softmax (exact

@@ -30,7 +30,11 @@ What an implementer provides (subclass `AdaptationOperator`):
   ("constraint",)), returned in `Step.record`; the loop's own variables are reward, cost,
   cost_se, time_sampling (per policy) and u, kl, time (per step);
 - `observe` and `step` (and `start` when it keeps per-task state). Every random draw comes from
-  the seeds given, so a sequence is reproducible bit for bit.
+  the seeds given, so a sequence is reproducible bit for bit;
+- optionally `observe_tasks`, several sequences' observations at once (the meta-iteration's
+  tasks, the evaluation and meta-test tasks): by default `observe` one after another; an operator
+  that observes by rollouts collects them as one batch of all tasks (`Scenario.rollout_tasks`),
+  with the same results.
 - optionally `check_options(settings)` (a classmethod) raising `registry.OptionError(option,
   why)` for values that are valid in the schema but not for this kind.
 """
@@ -101,6 +105,10 @@ class AdaptationOperator:
 
     def observe(self, state: Any, policy: Any, seed: int) -> Observation:
         raise NotImplementedError
+
+    def observe_tasks(self, states: list[Any], policies: list[Any], seeds: list[int]) -> list[Observation]:
+        """`observe` of each (state, policy, seed): the same observations, possibly collected together."""
+        return [self.observe(state, policy, seed) for state, policy, seed in zip(states, policies, seeds)]
 
     def step(self, state: Any, policy: Any, observation: Observation) -> Step:
         raise NotImplementedError

@@ -279,7 +279,14 @@ class SampledDualPGD(AdaptationOperator):
         return state
 
     def observe(self, state, policy, seed: int) -> Observation:
-        batch = self.scenario.rollout(state.task, policy, seed)
+        return self._observed(state, self.scenario.rollout(state.task, policy, seed))
+
+    def observe_tasks(self, states, policies, seeds) -> list[Observation]:
+        """The tasks' rollouts as one batch (`Scenario.rollout_tasks`; the same as `observe` each)."""
+        batches = self.scenario.rollout_tasks([s.task for s in states], policies, seeds) if states else []
+        return [self._observed(state, batch) for state, batch in zip(states, batches)]
+
+    def _observed(self, state, batch: "Batch") -> Observation:
         cost = batch.constraint_value.double().cpu().numpy()
         se = batch.constraint_value_se.double().cpu().numpy()
         if state.last is not None:     # was the prediction of the step that produced this policy trusted?

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
 
-from ..evaluate import adaptation_sequence
+from ..evaluate import adaptation_sequences
 from ..records import Var
 
 if TYPE_CHECKING:
@@ -125,12 +125,13 @@ def evaluate_one_step(operator: "AdaptationOperator", tasks: list["Task"], polic
     """The meta-policy and its one-step adaptation on each task (EVALUATION_VARS and the
     operator's step variables), through the adaptation loop with K = 1; and the sampling time.
 
-    Task j explores pi_[k] with seed `seed_of(j, k)`.
+    Task j explores pi_[k] with seed `seed_of(j, k)`; the tasks step together.
     """
     out: dict[str, list] = {name: [] for name in (*EVALUATION_VARS, *operator.step_vars)}
     t_sampling = 0.0
-    for j, task in enumerate(tasks):
-        seq = adaptation_sequence(operator, task, policy, 1, lambda k, j=j: seed_of(j, k))
+    sequences = adaptation_sequences(operator, tasks, [policy] * len(tasks), 1,
+                                     [lambda k, j=j: seed_of(j, k) for j in range(len(tasks))], [0] * len(tasks))
+    for seq in sequences:
         out["meta_reward"].append(seq["reward"][0])
         out["meta_cost"].append(seq["cost"][0])
         out["reward"].append(seq["reward"][1])

@@ -2,7 +2,8 @@
 
 Per iteration (lines 1-14):
 - draw `tasks_per_iteration` training tasks; on each, roll out the meta-policy pi_phi (line 3)
-  and estimate its constrained cost J_c;
+  and estimate its constrained cost J_c (the tasks' rollouts as one batch, and so the adapted
+  policies' of line 6: `observe_tasks`, the same samples as task by task);
 - a task within d + delta (line 4; its cost estimate plus the operator's margin of kappa
   standard errors, so the meta-policy is pushed to be safe with the same margin its adaptations
   aim at) is adapted by the sampled A^s (Alg. 3, line 5), the adapted
@@ -211,40 +212,42 @@ class SampledSafeMeta(MetaLearner):
         rng = np.random.default_rng(derived_seed(seed, n, 3))
         batch_ids = rng.choice(len(train), size=settings.tasks_per_iteration,
                                replace=settings.tasks_per_iteration > len(train))
-        entries = []  # (branch, surrogate, meta batch)
+        entries: list = [None] * len(batch_ids)   # per task j: (branch, surrogate, meta batch)
         batch_stats: dict[str, list] = {k: [] for k in ("reward", "cost", "meta_reward", "meta_cost", "u", "kl")}
-        for j, k in enumerate(batch_ids):
-            task_seed = derived_seed(seed, n, 5, j)
-            on_task = adapt.start(train[k], meta, task_seed)
-            meta_obs = adapt.observe(on_task, meta, derived_seed(task_seed, 0))             # line 3
-            t_sampling += meta_obs.time_sampling
-            J_c = meta_obs.cost
-            batch_stats["meta_reward"].append(meta_obs.reward)
-            batch_stats["meta_cost"].append(J_c)
-            violation = (J_c + adapt.settings.kappa * meta_obs.cost_se - on_task.limits
-                         - as_vector(adapt.settings.delta, len(J_c), "delta"))
+        task_seeds = [derived_seed(seed, n, 5, j) for j in range(len(batch_ids))]
+        on_tasks = [adapt.start(train[k], meta, s) for k, s in zip(batch_ids, task_seeds)]
+        meta_obs = adapt.observe_tasks(on_tasks, [meta] * len(on_tasks),                 # line 3, all tasks at once
+                                       [derived_seed(s, 0) for s in task_seeds])
+        adapted: dict[int, Any] = {}
+        for j, (k, on_task, obs) in enumerate(zip(batch_ids, on_tasks, meta_obs)):
+            t_sampling += obs.time_sampling
+            batch_stats["meta_reward"].append(obs.reward)
+            batch_stats["meta_cost"].append(obs.cost)
+            violation = (obs.cost + adapt.settings.kappa * obs.cost_se - on_task.limits
+                         - as_vector(adapt.settings.delta, len(obs.cost), "delta"))
             if (violation <= 0).all():                                                     # line 4
-                adapted = adapt.step(on_task, meta, meta_obs)                                  # line 5
-                _check(n, "adaptation KL", adapted.kl, settings.kl_limit, k)
-                adapted_obs = adapt.observe(on_task, adapted.policy, derived_seed(task_seed, 1))  # line 6
-                t_sampling += adapted_obs.time_sampling
-                overshoot = (adapted_obs.cost + adapt.settings.kappa * adapted_obs.cost_se - on_task.limits
-                             - as_vector(adapt.settings.delta, len(J_c), "delta"))
-                if settings.constrain_adapted and (overshoot > 0).any():   # lower J_c(A^s(pi_phi)) instead
-                    i = int(np.argmax(overshoot))
-                    lowers = adapted_cost_surrogate(meta, adapted.policy, adapted_obs.data, i)
-                    entries.append(("cost", lambda prm, f=lowers: -f(prm), meta_obs.data))
-                else:
-                    surrogate = meta_gradient_surrogate(meta, adapted.policy, adapted_obs.data)
-                    if settings.meta_gradient == "full":
-                        surrogate = with_multiplier_term(meta, adapted, adapted_obs.data, surrogate)
-                    entries.append(("meta", surrogate, meta_obs.data))
-                batch_stats["reward"].append(adapted_obs.reward)
-                batch_stats["cost"].append(adapted_obs.cost)
-                batch_stats["u"].append(adapted.u)
-                batch_stats["kl"].append(adapted.kl)
+                adapted[j] = adapt.step(on_task, meta, obs)                                    # line 5
+                _check(n, "adaptation KL", adapted[j].kl, settings.kl_limit, k)
             else:                                                                          # lines 10-11
-                entries.append(("cost", cost_surrogate(meta, meta_obs.data, int(np.argmax(violation))), meta_obs.data))
+                entries[j] = ("cost", cost_surrogate(meta, obs.data, int(np.argmax(violation))), obs.data)
+        adapted_obs = adapt.observe_tasks([on_tasks[j] for j in adapted], [a.policy for a in adapted.values()],
+                                          [derived_seed(task_seeds[j], 1) for j in adapted])   # line 6
+        for (j, step), obs in zip(adapted.items(), adapted_obs):
+            t_sampling += obs.time_sampling
+            overshoot = (obs.cost + adapt.settings.kappa * obs.cost_se - on_tasks[j].limits
+                         - as_vector(adapt.settings.delta, len(obs.cost), "delta"))
+            if settings.constrain_adapted and (overshoot > 0).any():   # lower J_c(A^s(pi_phi)) instead
+                lowers = adapted_cost_surrogate(meta, step.policy, obs.data, int(np.argmax(overshoot)))
+                entries[j] = ("cost", lambda prm, f=lowers: -f(prm), meta_obs[j].data)
+            else:
+                surrogate = meta_gradient_surrogate(meta, step.policy, obs.data)
+                if settings.meta_gradient == "full":
+                    surrogate = with_multiplier_term(meta, step, obs.data, surrogate)
+                entries[j] = ("meta", surrogate, meta_obs[j].data)
+            batch_stats["reward"].append(obs.reward)
+            batch_stats["cost"].append(obs.cost)
+            batch_stats["u"].append(step.u)
+            batch_stats["kl"].append(step.kl)
         n_violating = sum(e[0] == "cost" for e in entries)
         if settings.switch == "any" and n_violating:
             entries = [e for e in entries if e[0] == "cost"]

@@ -13,6 +13,12 @@ BatchEnv conventions (every scenario follows them):
 - No auto-reset: once a copy terminates it stays frozen, and its later rewards and costs are
   zero, until the next `reset()`. `truncated` turns true for all copies at step `horizon`.
 - `cost_limits` is the task's limit vector d `[p]`; `num_constraints` is p.
+
+Several tasks in one BatchEnv (`TaskDistribution.make_envs(tasks, num_envs, seeds)`): copies
+k*num_envs ... (k+1)*num_envs - 1 form task k's block, which evolves exactly as
+`make_env(tasks[k], num_envs, seeds[k])` would under the same actions; `cost_limits` is then
+`[tasks, p]`. Distributions whose tasks share a model signature step all blocks in one vectorised
+call; the default (`ConcatEnv`) steps one env per task, one after another.
 """
 from __future__ import annotations
 
@@ -136,6 +142,45 @@ class TaskDistribution:
 
     def make_env(self, task: Task, num_envs: int, seed: int, device: Any = "cpu") -> BatchEnv:
         raise NotImplementedError(f"{self.name} has no batched environment")
+
+    def make_envs(self, tasks: Sequence[Task], num_envs: int, seeds: Sequence[int], device: Any = "cpu") -> BatchEnv:
+        """`num_envs` copies of each task in one BatchEnv, task k's block drawing from seeds[k]
+        (module docstring); by default the tasks' own envs, stepped one after another."""
+        envs = [self.make_env(task, num_envs, seed, device) for task, seed in zip(tasks, seeds)]
+        return envs[0] if len(envs) == 1 else ConcatEnv(envs)
+
+
+class ConcatEnv:
+    """The copies of several BatchEnvs (one per task) as one BatchEnv: actions are split by block,
+    each env steps its block, the results are concatenated in block order."""
+
+    def __init__(self, envs: Sequence[Any]) -> None:
+        first = envs[0]
+        if len({(e.num_envs, e.horizon) for e in envs}) != 1:
+            raise ValueError("ConcatEnv: the envs must have the same number of copies and horizon")
+        self.envs = list(envs)
+        self.num_envs = first.num_envs * len(self.envs)
+        self.observation_space, self.action_space = first.observation_space, first.action_space
+        self.horizon, self.num_constraints, self.device = first.horizon, first.num_constraints, first.device
+        self.cost_limits = np.stack([np.asarray(e.cost_limits, dtype=np.float64) for e in self.envs])
+
+    def reset(self) -> Any:
+        import torch
+
+        return torch.cat([e.reset() for e in self.envs])
+
+    def step(self, actions: Any) -> StepResult:
+        import torch
+
+        n = self.envs[0].num_envs
+        steps = [e.step(actions[k * n:(k + 1) * n]) for k, e in enumerate(self.envs)]
+        return StepResult(*(torch.cat([getattr(s, f) for s in steps])
+                            for f in ("obs", "reward", "cost", "terminated", "truncated")))
+
+    def close(self) -> None:
+        for e in self.envs:
+            if hasattr(e, "close"):
+                e.close()
 
 
 def _stable_hash(text: str) -> int:

@@ -22,7 +22,7 @@ controls; costs use it).
 - swimmer_vel (obs 8, act 2, dt 0.04): v_goal ~ U(0, 1), noise variance sigma^2 ~ U(0, 0.5),
   cost weight w ~ U(0.5, 1). reward = -|v - v_goal|; cost = w sum_i a_i^2; d = 5. Transition noise:
   after each env step every joint velocity (qvel, 5 dofs) receives independent N(0, sigma^2) noise
-  drawn from the env's generator (seeded by `make_env(..., seed)`). Never terminates.
+  drawn from the task's generator (seeded by `make_env(..., seed)`). Never terminates.
 - humanoid_dir (obs 376, act 17 in [-0.4, 0.4], dt 0.015): direction theta ~ U(0, pi/2).
   reward = v_x cos(theta) + v_y sin(theta) (centre-of-mass velocity); cost = sum_i a_i^2 over the
   17 control inputs (the torques are gear x a; squared torques would be ~1e4 larger than d = 20).
@@ -30,6 +30,9 @@ controls; costs use it).
   alive bonus (the paper's reward has none). Observation is the paper's 376-dim layout (gymnasium
   v4: qpos[2:], qvel, cinert, cvel, qfrc_actuator, cfrc_ext of all bodies), with cfrc_ext
   actually computed (mj_rnePostConstraint), as gymnasium v5 does.
+
+`make_envs` builds one env of the copies of several tasks (one model; task parameters per copy),
+so the tasks of a meta-iteration step as one batch.
 
 Horizon 200 (option `horizon`). d is the paper's value at horizon 200 and scales linearly with a
 shorter horizon, keeping the per-step budget (option `cost_limit` sets it directly instead).
@@ -99,8 +102,13 @@ class LocomotionDistribution(P.ScaledLimitDistribution):
         self.sim_threads = sim_threads
 
     def make_env(self, task: Task, num_envs: int, seed: int, device: Any = "cpu") -> "LocomotionEnv":
-        self.validate(task)
-        return self.env_class(self, task.params, int(num_envs), int(seed), device)
+        return self.make_envs([task], num_envs, [seed], device)
+
+    def make_envs(self, tasks: list[Task], num_envs: int, seeds: list[int], device: Any = "cpu") -> "LocomotionEnv":
+        """One env of `num_envs` copies per task, all stepped together (the model is the scenario's)."""
+        for task in tasks:
+            self.validate(task)
+        return self.env_class(self, [t.params for t in tasks], int(num_envs), [int(s) for s in seeds], device)
 
 
 class HalfCheetahVelDistribution(LocomotionDistribution):
@@ -149,25 +157,30 @@ class HumanoidDirDistribution(LocomotionDistribution):
 
 # --------------------------------------------------------------------------- batched envs
 class LocomotionEnv:
-    """`num_envs` copies of one locomotion task; BatchEnv conventions of base.py.
+    """`num_envs` copies of each of the tasks `params` (block k = copies k*num_envs ... of task k,
+    draws from the generator of seeds[k]); BatchEnv conventions of base.py. Task parameters are
+    per-copy arrays [N] in `params`, so every step is vectorised over the copies of all tasks,
+    and block k evolves exactly as an env of task k alone with seed seeds[k].
 
     Subclasses define the observation, the tracked position (for v), reward, cost and failure.
     """
 
     reset_noise: float = 0.0
 
-    def __init__(self, dist: LocomotionDistribution, params: dict[str, Any], num_envs: int, seed: int,
+    def __init__(self, dist: LocomotionDistribution, params: list[dict[str, Any]], num_envs: int, seeds: list[int],
                  device: Any) -> None:
-        self.params = {k: float(v) for k, v in params.items() if k != "d"}
-        self.num_envs, self.horizon = num_envs, dist.horizon
+        self.per_task, self.num_tasks = num_envs, len(params)
+        self.params = {k: np.repeat([float(p[k]) for p in params], num_envs) for k in params[0] if k != "d"}
+        self.num_envs, self.horizon = num_envs * len(params), dist.horizon
         self.model = gym_model(dist.xml)
         self.sim = self._make_stepper(dist.frame_skip, dist.sim_threads)
-        self.rng = np.random.default_rng(seed)
-        self.cost_limits = np.asarray(params["d"], dtype=np.float64)
+        self.rngs = [np.random.default_rng(seed) for seed in seeds]
+        limits = [np.asarray(p["d"], dtype=np.float64) for p in params]
+        self.cost_limits = limits[0] if len(limits) == 1 else np.stack(limits)   # [p], or [tasks, p]
         self.num_constraints = 1
         self._low, self._high = self.model.actuator_ctrlrange.T.copy()
         self.action_space = spaces.Box(self._low.astype(np.float32), self._high.astype(np.float32))
-        self.clock = EpisodeClock(num_envs, self.horizon, 1, device)
+        self.clock = EpisodeClock(self.num_envs, self.horizon, 1, device)
         self.device = self.clock.device
         dim = self.reset().shape[1]
         self.observation_space = spaces.Box(-np.inf, np.inf, (dim,), np.float32)
@@ -176,10 +189,15 @@ class LocomotionEnv:
         return BatchSim(self.model, self.num_envs, frame_skip, threads)
 
     def _initial_state(self) -> tuple[np.ndarray, np.ndarray]:
-        """gymnasium's reset: uniform noise of scale `reset_noise` on qpos and qvel."""
-        n, m, s = self.num_envs, self.model, self.reset_noise
-        qpos = m.qpos0 + self.rng.uniform(-s, s, (n, m.nq))
-        qvel = self.rng.uniform(-s, s, (n, m.nv))
+        """Every block's start, drawn from its task's generator."""
+        starts = [self._draw_start(rng, self.per_task) for rng in self.rngs]
+        return np.concatenate([q for q, _ in starts]), np.concatenate([v for _, v in starts])
+
+    def _draw_start(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """gymnasium's reset of n copies: uniform noise of scale `reset_noise` on qpos and qvel."""
+        m, s = self.model, self.reset_noise
+        qpos = m.qpos0 + rng.uniform(-s, s, (n, m.nq))
+        qvel = rng.uniform(-s, s, (n, m.nv))
         return qpos, qvel
 
     def reset(self) -> Any:
@@ -266,7 +284,7 @@ class LocomotionEnv:
         raise NotImplementedError(f"{type(self).__name__} has no differentiable steps")
 
     def _torch_reward(self, velocity: torch.Tensor) -> torch.Tensor:
-        return -torch.abs(velocity - self.params["goal_velocity"])
+        return -torch.abs(velocity - torch.as_tensor(self.params["goal_velocity"], device=velocity.device))
 
     def _torch_cost(self, qpos: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no differentiable steps")
@@ -282,9 +300,9 @@ class HalfCheetahVelEnv(LocomotionEnv):
         self._head_xz = (float(model.geom_pos[head.id, 0]), float(model.geom_pos[head.id, 2]))
         super().__init__(*args)
 
-    def _initial_state(self) -> tuple[np.ndarray, np.ndarray]:
-        qpos, _ = super()._initial_state()  # gymnasium: velocity noise is Gaussian for the cheetah
-        return qpos, self.reset_noise * self.rng.standard_normal((self.num_envs, self.model.nv))
+    def _draw_start(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        qpos, _ = super()._draw_start(rng, n)  # gymnasium: velocity noise is Gaussian for the cheetah
+        return qpos, self.reset_noise * rng.standard_normal((n, self.model.nv))
 
     def head_height(self, qpos, lib: Any = np):
         """World z of the head geom centre: torso at (rootx, torso_z + rootz), pitched by rooty
@@ -322,9 +340,13 @@ class SwimmerVelEnv(LocomotionEnv):
     def _cost(self, a: np.ndarray) -> np.ndarray:
         return self.params["cost_weight"] * np.sum(a * a, axis=1)
 
+    def __init__(self, dist: LocomotionDistribution, params: list[dict[str, Any]], num_envs: int, *args: Any) -> None:
+        self._noise_scale = np.repeat([math.sqrt(float(p["noise_var"])) for p in params], num_envs)[:, None]  # sigma
+        super().__init__(dist, params, num_envs, *args)
+
     def _after_physics(self, active: np.ndarray) -> None:
-        noise = math.sqrt(self.params["noise_var"]) * self.rng.standard_normal((self.num_envs, self.model.nv))
-        self.sim.add_qvel(noise * active[:, None])
+        draws = np.concatenate([rng.standard_normal((self.per_task, self.model.nv)) for rng in self.rngs])
+        self.sim.add_qvel(self._noise_scale * draws * active[:, None])
 
 
 class HumanoidDirEnv(LocomotionEnv):
@@ -343,9 +365,13 @@ class HumanoidDirEnv(LocomotionEnv):
     def _position(self) -> np.ndarray:
         return np.einsum("b,nbk->nk", self._mass, self.sim.buffers["xipos"][:, :, :2])
 
+    def __init__(self, dist: LocomotionDistribution, params: list[dict[str, Any]], num_envs: int, *args: Any) -> None:
+        self._heading = np.stack([np.repeat([f(float(p["direction"])) for p in params], num_envs)
+                                  for f in (math.cos, math.sin)])          # [2, N]: cos, sin of the direction
+        super().__init__(dist, params, num_envs, *args)
+
     def _reward(self, velocity: np.ndarray) -> np.ndarray:
-        theta = self.params["direction"]
-        return velocity[:, 0] * math.cos(theta) + velocity[:, 1] * math.sin(theta)
+        return velocity[:, 0] * self._heading[0] + velocity[:, 1] * self._heading[1]
 
     def _failed(self) -> np.ndarray:
         z = self.sim.qpos[:, 2]

@@ -1,12 +1,15 @@
-"""Batched MuJoCo stepping: `num_envs` copies of one compiled model advanced together.
+"""Batched MuJoCo stepping: `num_envs` copies of one compiled model (or of several models with
+one signature, e.g. one per task) advanced together.
 
 `BatchSim` keeps one persistent MjData per copy and steps them in a tight loop, split across a
 persistent thread pool (mj_step releases the GIL, so threads run physics in parallel). After
 each env step the requested MjData fields are gathered into `[N, ...]` numpy buffers, so reward,
-cost and observation code is vectorised over copies. Measured on the project's 2-core machine
-(64 copies, random actions): the loop runs at 0.96-1.0x the throughput of a bare `mj_step` loop on
-one MjData, the same as `mujoco.rollout` (which also zeroes the solver warm start at every call
-and stops a copy at the first MuJoCo warning); per-copy MjData keeps gymnasium's exact stepping.
+cost and observation code is vectorised over copies. Copies may use different models (the
+tasks of a navigation batch: their own hazards and walls) when those agree in the dimensions
+the buffers and controls read (nq, nv, nu, na, the gathered fields) and in the timestep.
+`benchmarks/bench_envs.py` measures the loop against a bare `mj_step` loop on one MjData and
+against `mujoco.rollout` (which also zeroes the solver warm start at every call and stops a copy
+at the first MuJoCo warning); per-copy MjData keeps gymnasium's exact stepping.
 
 Sensor values: with `forward=True`, BatchSim runs mj_forward after the substeps of an env step,
 so sensors and derived quantities describe the state after stepping (as Safety-Gymnasium does);
@@ -44,22 +47,29 @@ def default_threads() -> int:
 
 
 class BatchSim:
-    """N MjData copies of `model`, stepped `frame_skip` substeps per env step.
+    """N MjData copies of `model` (or copy i of `model[i]`, a sequence of N models of one
+    signature), stepped `frame_skip` substeps per env step.
 
     `buffers[name]` is `[N, *shape]` for each MjData field in `fields` (qpos and qvel are always
     gathered). `post_constraint` runs mj_rnePostConstraint after stepping (fills cfrc_ext);
     `forward` runs mj_forward after stepping (fresh sensors, positions and contacts).
     """
 
-    def __init__(self, model: mujoco.MjModel, num_envs: int, frame_skip: int, threads: int | None = None,
-                 fields: Sequence[str] = (), post_constraint: bool = False, forward: bool = False) -> None:
-        self.model, self.num_envs, self.frame_skip = model, int(num_envs), int(frame_skip)
-        self.dt = model.opt.timestep * self.frame_skip
+    def __init__(self, model: mujoco.MjModel | Sequence[mujoco.MjModel], num_envs: int, frame_skip: int,
+                 threads: int | None = None, fields: Sequence[str] = (), post_constraint: bool = False,
+                 forward: bool = False) -> None:
+        self.num_envs, self.frame_skip = int(num_envs), int(frame_skip)
+        self.models = list(model) if isinstance(model, Sequence) else [model] * self.num_envs
+        if len(self.models) != self.num_envs:
+            raise ValueError(f"BatchSim: {len(self.models)} models for {self.num_envs} copies")
+        self.model = self.models[0]
+        self.dt = self.model.opt.timestep * self.frame_skip
         threads = default_threads() if threads is None else int(threads)
         self.threads = max(1, min(threads, self.num_envs))
         self.post_constraint, self.forward = bool(post_constraint), bool(forward)
         fields = ("qpos", "qvel") + tuple(f for f in fields if f not in ("qpos", "qvel"))
-        self.datas = [mujoco.MjData(model) for _ in range(self.num_envs)]
+        self.datas = [mujoco.MjData(m) for m in self.models]
+        _check_signature(self.models, self.datas, fields)
         self._ctrl_views = [d.ctrl for d in self.datas]
         self._views = [[(name, getattr(d, name)) for name in fields] for d in self.datas]  # aliases of MjData memory
         self.buffers = {name: np.zeros((self.num_envs,) + np.shape(getattr(self.datas[0], name))) for name in fields}
@@ -82,12 +92,12 @@ class BatchSim:
     def set_state(self, rows: Sequence[int], qpos: np.ndarray, qvel: np.ndarray) -> None:
         """Reset copies `rows` to (qpos[k], qvel[k]) at time 0 (the model is untouched) and run mj_forward."""
         for k, r in enumerate(rows):
-            d = self.datas[r]
-            mujoco.mj_resetData(self.model, d)
+            d, m = self.datas[r], self.models[r]
+            mujoco.mj_resetData(m, d)
             d.qpos[:], d.qvel[:] = qpos[k], qvel[k]
-            mujoco.mj_forward(self.model, d)
+            mujoco.mj_forward(m, d)
             if self.post_constraint:
-                mujoco.mj_rnePostConstraint(self.model, d)
+                mujoco.mj_rnePostConstraint(m, d)
             self._gather(r)
 
     def add_qvel(self, delta: np.ndarray) -> None:
@@ -97,11 +107,11 @@ class BatchSim:
         self.buffers["qvel"] += delta
 
     def _run(self, lo: int, hi: int, ctrl: np.ndarray, active: np.ndarray) -> None:
-        m, fs, post, step, buffers = self.model, self.frame_skip, self.post_constraint, mujoco.mj_step, self.buffers
-        forward = self.forward
+        fs, post, step, buffers = self.frame_skip, self.post_constraint, mujoco.mj_step, self.buffers
+        forward, models = self.forward, self.models
         for i in range(lo, hi):
             if active[i]:
-                d = self.datas[i]
+                d, m = self.datas[i], models[i]
                 self._ctrl_views[i][:] = ctrl[i]
                 step(m, d, nstep=fs)
                 if forward:
@@ -145,13 +155,13 @@ class BatchSim:
 
     def _run_jacobians(self, lo: int, hi: int, ctrl: np.ndarray, active: np.ndarray, jac_a: np.ndarray,
                        jac_b: np.ndarray, eps: float, centered: bool) -> None:
-        m, post, buffers = self.model, self.post_constraint, self.buffers
-        n = 2 * m.nv + m.na
-        a_sub, b_sub = np.zeros((n, n)), np.zeros((n, m.nu))
+        post, buffers = self.post_constraint, self.buffers
+        n = 2 * self.model.nv + self.model.na
+        a_sub, b_sub = np.zeros((n, n)), np.zeros((n, self.model.nu))
         for i in range(lo, hi):
             if not active[i]:
                 continue
-            d = self.datas[i]
+            d, m = self.datas[i], self.models[i]
             self._ctrl_views[i][:] = ctrl[i]
             for _ in range(self.frame_skip):
                 mujoco.mjd_transitionFD(m, d, eps, centered, a_sub, b_sub, None, None)
@@ -171,6 +181,20 @@ class BatchSim:
     def __del__(self) -> None:
         if getattr(self, "_executor", None) is not None:
             self.close()
+
+
+def _check_signature(models: list[mujoco.MjModel], datas: list[mujoco.MjData], fields: Sequence[str]) -> None:
+    """Copies of different models must agree in what BatchSim gathers and controls."""
+    def signature(m: mujoco.MjModel, d: mujoco.MjData) -> tuple:
+        return (m.nq, m.nv, m.nu, m.na, m.opt.timestep, *(np.shape(getattr(d, f)) for f in fields))
+
+    distinct = {id(m): i for i, m in enumerate(models)}
+    if len(distinct) > 1:
+        first = signature(models[0], datas[0])
+        for i in distinct.values():
+            if signature(models[i], datas[i]) != first:
+                raise ValueError(f"BatchSim: copy {i}'s model differs from copy 0's in (nq, nv, nu, na, timestep, "
+                                 f"{', '.join(fields)}): {signature(models[i], datas[i])} vs {first}")
 
 
 class EpisodeClock:

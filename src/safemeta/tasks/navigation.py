@@ -277,9 +277,15 @@ class NavigationDistribution(P.ScaledLimitDistribution):
         raise NotImplementedError
 
     def make_env(self, task: Task, num_envs: int, seed: int, device: Any = "cpu") -> "NavigationEnv":
-        self.validate(task)
-        return NavigationEnv(self.name, self.robot, self.layout(task.params), P.limits(self.name, task.params),
-                             int(num_envs), self.horizon, int(seed), device, self.sim_threads)
+        return self.make_envs([task], num_envs, [seed], device)
+
+    def make_envs(self, tasks: Sequence[Task], num_envs: int, seeds: Sequence[int], device: Any = "cpu") -> "NavigationEnv":
+        """One env of `num_envs` copies per task, all stepped together (each task its own model)."""
+        for task in tasks:
+            self.validate(task)
+        return NavigationEnv(self.name, self.robot, [self.layout(t.params) for t in tasks],
+                             [P.limits(self.name, t.params) for t in tasks], int(num_envs), self.horizon,
+                             [int(s) for s in seeds], device, self.sim_threads)
 
 
 @dataclass(frozen=True)
@@ -432,40 +438,61 @@ def build_model(robot: Robot, layout: Layout) -> mujoco.MjModel:
 
 
 class NavigationEnv:
-    """`num_envs` copies of one navigation task; BatchEnv conventions of base.py."""
+    """`num_envs` copies of each task of `layouts` (block k = copies k*num_envs ... of task k, draws
+    from the generator of seeds[k]); BatchEnv conventions of base.py. Each task has its own model
+    (its circle, walls, hazards, buttons), stepped together in one BatchSim; reward, cost and
+    lidar are vectorised over all copies with per-copy task arrays (object lists padded with
+    points far beyond lidar range, which no rule sees), so block k evolves exactly as an env of
+    task k alone with seed seeds[k]."""
 
-    def __init__(self, scenario: str, robot: Robot, layout: Layout, d: np.ndarray, num_envs: int, horizon: int,
-                 seed: int, device: Any, sim_threads: int | None) -> None:
-        self.scenario, self.robot, self.layout = scenario, robot, layout
-        self.num_envs, self.horizon = num_envs, horizon
-        self.model = build_model(robot, layout)
-        self.sim = BatchSim(self.model, num_envs, FRAME_SKIP, sim_threads, fields=("sensordata",), forward=True)
-        self.rng = np.random.default_rng(seed)
-        self.cost_limits, self.num_constraints = np.asarray(d, dtype=np.float64), 1
+    def __init__(self, scenario: str, robot: Robot, layouts: Sequence[Layout], limits: Sequence[np.ndarray],
+                 num_envs: int, horizon: int, seeds: Sequence[int], device: Any, sim_threads: int | None) -> None:
+        self.scenario, self.robot, self.layouts = scenario, robot, list(layouts)
+        self.layout = self.layouts[0]
+        if len({lay.kind for lay in self.layouts}) != 1 or len({observation_dim(robot, lay) for lay in self.layouts}) != 1:
+            raise ValueError(f"{scenario}: the tasks of one env must share the kind and the observation layout")
+        self.per_task, self.num_envs, self.horizon = num_envs, num_envs * len(self.layouts), horizon
+        models = [build_model(robot, lay) for lay in self.layouts]
+        self.model = models[0]
+        self.sim = BatchSim([m for m in models for _ in range(num_envs)], self.num_envs, FRAME_SKIP, sim_threads,
+                            fields=("sensordata",), forward=True)
+        self.rngs = [np.random.default_rng(seed) for seed in seeds]
+        limits = [np.asarray(d, dtype=np.float64) for d in limits]
+        self.cost_limits = limits[0] if len(limits) == 1 else np.stack(limits)   # [p], or [tasks, p]
+        self.num_constraints = 1
         self._low, self._high = self.model.actuator_ctrlrange.T.copy()
         self.action_space = spaces.Box(self._low.astype(np.float32), self._high.astype(np.float32))
-        self.clock = EpisodeClock(num_envs, horizon, 1, device)
+        self.clock = EpisodeClock(self.num_envs, horizon, 1, device)
         self.device = self.clock.device
-        self._lidar_range = CIRCLE_LIDAR_RANGE if layout.kind == "circle" else BUTTON_LIDAR_RANGE
-        self.observation_space = spaces.Box(-np.inf, np.inf, (observation_dim(robot, layout),), np.float32)
-        # contacts robot <-> button k: per geom id, whether it is the robot's and which button it is
-        m = self.model
-        self._robot_geom = m.body_rootid[m.geom_bodyid] == m.body("agent").id
-        self._button_of_geom = np.full(m.ngeom, -1)
-        for k in range(len(layout.buttons)):
-            self._button_of_geom[m.geom(f"button{k}").id] = k
-        self.goal = np.zeros(num_envs, int)
-        self.mute = np.zeros(num_envs, int)
-        self.last_goal_dist = np.zeros(num_envs)
+        self._lidar_range = CIRCLE_LIDAR_RANGE if self.layout.kind == "circle" else BUTTON_LIDAR_RANGE
+        self.observation_space = spaces.Box(-np.inf, np.inf, (observation_dim(robot, self.layout),), np.float32)
+        per_copy = lambda values: np.repeat(np.asarray(values, dtype=np.float64), num_envs)   # noqa: E731
+        self._radius, self._wall = per_copy([lay.radius for lay in self.layouts]), per_copy([lay.wall for lay in self.layouts])
+        self._hazard_size = per_copy([lay.hazard_size for lay in self.layouts])[:, None]
+        self._hazards = _padded([lay.hazards for lay in self.layouts], num_envs)          # [N, H, 2]
+        self._buttons = _padded([lay.buttons for lay in self.layouts], num_envs)          # [N, B, 2]
+        self._lidar_hazards = self.layout.hazard_size > 0
+        # contacts robot <-> button k, per task's model: per geom id, whether it is the robot's and which button it is
+        self._robot_geom, self._button_of_geom = [], []
+        for m, lay in zip(models, self.layouts):
+            self._robot_geom.append(m.body_rootid[m.geom_bodyid] == m.body("agent").id)
+            button_of = np.full(m.ngeom, -1)
+            for k in range(len(lay.buttons)):
+                button_of[m.geom(f"button{k}").id] = k
+            self._button_of_geom.append(button_of)
+        self.goal = np.zeros(self.num_envs, int)
+        self.mute = np.zeros(self.num_envs, int)
+        self.last_goal_dist = np.zeros(self.num_envs)
         self.reset()
 
     # -- state
     def reset(self) -> Any:
-        """New start positions and headings (and goal buttons); the model is not rebuilt."""
+        """New start positions and headings (and goal buttons); the models are not rebuilt."""
         n = self.num_envs
-        xy, heading, goal = draw_starts(self.rng, self.layout, n, self.scenario)
-        if goal is not None:
-            self.goal, self.mute[:] = goal, 0
+        starts = [draw_starts(rng, lay, self.per_task, self.scenario) for rng, lay in zip(self.rngs, self.layouts)]
+        xy, heading = np.concatenate([s[0] for s in starts]), np.concatenate([s[1] for s in starts])
+        if self.layout.kind == "button":
+            self.goal, self.mute[:] = np.concatenate([s[2] for s in starts]), 0
         self.sim.set_state(np.arange(n), self.robot.qpos_at(xy, heading, self.model.nq), np.zeros((n, self.model.nv)))
         self._pose = self.robot.pose(self.sim.qpos)
         if self.layout.kind == "button":
@@ -514,34 +541,35 @@ class NavigationEnv:
         xy, v = self._xy(), self.robot.velocity(self.sim.qvel)
         rho = np.maximum(np.linalg.norm(xy, axis=1), 1e-9)
         tangential = (-v[:, 0] * xy[:, 1] + v[:, 1] * xy[:, 0]) / rho
-        return CIRCLE_REWARD_SCALE * tangential / (1.0 + np.abs(rho - self.layout.radius))
+        return CIRCLE_REWARD_SCALE * tangential / (1.0 + np.abs(rho - self._radius))
 
     def _wall_cost(self) -> np.ndarray:
-        return np.abs(self._xy()[:, 0]) > self.layout.wall
+        return np.abs(self._xy()[:, 0]) > self._wall
 
     def _hazard_cost(self) -> np.ndarray:
-        if len(self.layout.hazards) == 0:
+        if self._hazards.shape[1] == 0:
             return np.zeros(self.num_envs, bool)
-        dist = np.linalg.norm(self._xy()[:, None] - self.layout.hazards[None], axis=2)
-        return (dist < self.layout.hazard_size).any(axis=1)
+        dist = np.linalg.norm(self._xy()[:, None] - self._hazards, axis=2)
+        return (dist < self._hazard_size).any(axis=1)
 
     def _goal_distance(self) -> np.ndarray:
-        return np.linalg.norm(self._xy() - self.layout.buttons[self.goal], axis=1)
+        return np.linalg.norm(self._xy() - self._buttons[np.arange(self.num_envs), self.goal], axis=1)
 
     def touching(self) -> np.ndarray:
         """[N, buttons] bool: MuJoCo has a contact between the robot and button k (the stepped state)."""
-        out = np.zeros((self.num_envs, len(self.layout.buttons)), bool)
+        out = np.zeros((self.num_envs, self._buttons.shape[1]), bool)
         for i, d in enumerate(self.sim.datas):
             if d.ncon:
+                task = i // self.per_task
                 pair = d.contact.geom                       # [ncon, 2] geom ids
-                button = self._button_of_geom[pair]
-                hit = (button >= 0) & self._robot_geom[pair[:, ::-1]]
+                button = self._button_of_geom[task][pair]
+                hit = (button >= 0) & self._robot_geom[task][pair[:, ::-1]]
                 out[i, button[hit]] = True
         return out
 
     def _button_step(self) -> tuple[np.ndarray, np.ndarray]:
         """Safety-Gymnasium's button rules: shaping + goal bonus, wrong-button and hazard cost, mute timer."""
-        lay, n = self.layout, self.num_envs
+        n = self.num_envs
         dist = self._goal_distance()
         touching = self.touching()
         reached = touching[np.arange(n), self.goal]
@@ -550,22 +578,34 @@ class NavigationEnv:
         wrong[np.arange(n), self.goal] = False
         cost = (wrong.any(axis=1) & (self.mute == 0)) | self._hazard_cost()
         self.mute = np.maximum(0, self.mute - 1)
-        if reached.any():
-            rows = np.flatnonzero(reached)
-            self.goal[rows] = self.rng.integers(0, len(lay.buttons), rows.size)   # any button, as SG
-            self.mute[rows] = BUTTON_MUTE_STEPS
+        for k, (rng, lay) in enumerate(zip(self.rngs, self.layouts)):
+            rows = np.flatnonzero(reached[k * self.per_task:(k + 1) * self.per_task]) + k * self.per_task
+            if rows.size:
+                self.goal[rows] = rng.integers(0, len(lay.buttons), rows.size)   # any button, as SG
+                self.mute[rows] = BUTTON_MUTE_STEPS
         self.last_goal_dist = self._goal_distance()
         return reward, cost
 
     # -- observation
     def _obs(self) -> np.ndarray:
         pos, rot = self._pose
-        lay = self.layout
-        if lay.kind == "circle":
-            groups = [np.zeros((1, 2))] + ([lay.hazards] if lay.hazard_size > 0 else [])
+        if self.layout.kind == "circle":
+            groups = [np.zeros((1, 2))] + ([self._hazards] if self._lidar_hazards else [])
             lidar = pseudo_lidar(groups, pos, rot, self._lidar_range)
         else:
-            lidar = pseudo_lidar([lay.buttons, lay.buttons[self.goal][:, None], lay.hazards], pos, rot,
-                                 self._lidar_range)
+            goal = self._buttons[np.arange(self.num_envs), self.goal][:, None]
+            lidar = pseudo_lidar([self._buttons, goal, self._hazards], pos, rot, self._lidar_range)
             lidar[self.mute > 0, :LIDAR_BINS] = 0.0   # muted buttons read nothing
         return np.concatenate([self.robot.sensors(self.sim.buffers["sensordata"]), lidar], axis=1)
+
+
+_FAR = 1.0e6   # padding of object lists: beyond every lidar range, hazard and button radius
+
+
+def _padded(objects: Sequence[np.ndarray], copies: int) -> np.ndarray:
+    """Per-task object lists [K_t, 2] as one per-copy array [tasks * copies, max K_t, 2], padded with far points."""
+    width = max(len(o) for o in objects)
+    out = np.full((len(objects), width, 2), _FAR)
+    for t, o in enumerate(objects):
+        out[t, :len(o)] = o
+    return np.repeat(out, copies, axis=0)

@@ -42,7 +42,7 @@ from gymnasium import spaces
 
 from . import params as P
 from . import sg_worker as W
-from .base import BatchEnvError, StepResult, Task, TaskParamError
+from .base import BatchEnvError, StepResult, Task, TaskDistribution, TaskParamError
 from .mujoco_batch import EpisodeClock, as_numpy_actions, default_threads
 from .navigation import (CAR, CAR_START_Z, POINT, CarCircleHazardDistribution, Layout, PointButtonDistribution,
                          PointCircleDistribution, Robot, draw_starts, observation_dim)
@@ -313,6 +313,8 @@ class _SGNavigation:
     def sample(self, n: int, seed: Any) -> list[Task]:
         """The native scenario's tasks for the same seed."""
         return [Task(self.name, t.params) for t in self._twin.sample(n, seed)]
+
+    make_envs = TaskDistribution.make_envs   # several tasks: one worker env each, stepped one after another
 
     def make_env(self, task: Task, num_envs: int, seed: int, device: Any = "cpu") -> SGWorkerEnv:
         self.validate(task)
