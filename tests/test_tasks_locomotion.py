@@ -153,10 +153,17 @@ def test_humanoid_reward_is_velocity_along_direction_and_direction_leaves_dynami
 
 
 def test_humanoid_reward_is_centre_of_mass_velocity():
+    import mujoco
+
     env = env_for("humanoid_dir", {"direction": 0.0}, n=3)
-    before = np.array([d.subtree_com[0, :2] for d in env.sim.datas])   # MuJoCo's whole-model centre of mass
-    out = env.step(torch.as_tensor(random_actions(env, 1)[0]))
-    after = np.array([d.subtree_com[0, :2] for d in env.sim.datas])
+    actions = random_actions(env, 1)[0]
+    copies = [env.sim.data(i) for i in range(env.num_envs)]             # each copy as an MjData of its own
+    before = np.array([d.subtree_com[0, :2] for d in copies])           # MuJoCo's whole-model centre of mass
+    out = env.step(torch.as_tensor(actions))
+    for d, a in zip(copies, actions):                                   # the same env step, by hand
+        d.ctrl[:] = np.clip(a.astype(np.float64), *env.model.actuator_ctrlrange.T)
+        mujoco.mj_step(env.model, d, nstep=env.sim.frame_skip)
+    after = np.array([d.subtree_com[0, :2] for d in copies])
     velocity = (after - before) / env.sim.dt
     np.testing.assert_allclose(out.reward.numpy(), velocity[:, 0], rtol=1e-4, atol=1e-6)
 

@@ -163,7 +163,8 @@ def test_robot_pose_matches_mujoco():
         env = env_for(name, n=3, seed=1)
         pos, rot = env.robot.pose(env.sim.qpos)
         body = env.model.body("agent").id
-        for i, d in enumerate(env.sim.datas):   # after reset, MjData holds mj_forward's kinematics
+        for i in range(env.num_envs):           # after reset: mj_forward's kinematics of each copy's state
+            d = env.sim.data(i)
             np.testing.assert_allclose(rot[i], d.xmat[body].reshape(3, 3), atol=1e-9)
             np.testing.assert_allclose(pos[i], d.xpos[body], atol=1e-9)
 
@@ -215,7 +216,8 @@ def test_sensors_describe_the_stepped_state(name):
     env = env_for(name, n=2, seed=4)
     for _ in range(5):
         out = env.step(torch.tensor([[1.0, 0.7], [0.3, -1.0]]))
-    for i, d in enumerate(env.sim.datas):
+    for i in range(env.num_envs):
+        d = env.sim.data(i)
         fresh = mujoco.MjData(env.model)
         fresh.qpos[:], fresh.qvel[:], fresh.ctrl[:] = d.qpos, d.qvel, d.ctrl
         fresh.qacc_warmstart[:] = d.qacc_warmstart

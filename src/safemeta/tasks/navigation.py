@@ -455,7 +455,7 @@ class NavigationEnv:
         models = [build_model(robot, lay) for lay in self.layouts]
         self.model = models[0]
         self.sim = BatchSim([m for m in models for _ in range(num_envs)], self.num_envs, FRAME_SKIP, sim_threads,
-                            fields=("sensordata",), forward=True)
+                            fields=("sensordata",), forward=True, contacts=self.layout.kind == "button")
         self.rngs = [np.random.default_rng(seed) for seed in seeds]
         limits = [np.asarray(d, dtype=np.float64) for d in limits]
         self.cost_limits = limits[0] if len(limits) == 1 else np.stack(limits)   # [p], or [tasks, p]
@@ -558,10 +558,9 @@ class NavigationEnv:
     def touching(self) -> np.ndarray:
         """[N, buttons] bool: MuJoCo has a contact between the robot and button k (the stepped state)."""
         out = np.zeros((self.num_envs, self._buttons.shape[1]), bool)
-        for i, d in enumerate(self.sim.datas):
-            if d.ncon:
+        for i, pair in enumerate(self.sim.contacts):        # [ncon, 2] geom ids
+            if len(pair):
                 task = i // self.per_task
-                pair = d.contact.geom                       # [ncon, 2] geom ids
                 button = self._button_of_geom[task][pair]
                 hit = (button >= 0) & self._robot_geom[task][pair[:, ::-1]]
                 out[i, button[hit]] = True
