@@ -108,6 +108,16 @@ class MetaLearner:
         raise NotImplementedError
 
 
+def crpo_switch(branches: list[str], switch: str) -> list[int]:
+    """Which tasks' directions a batch step combines (Alg. 2 lines 4-12 with a batch of tasks):
+    `branches[j]` is "meta" for a task that offers its meta-gradient, anything else for one that
+    offers a cost-reduction direction. switch "any": if any task offers a cost reduction, only
+    those (CRPO on problem (2)'s constraints); "per_task": every task's own branch."""
+    if switch == "any" and any(b != "meta" for b in branches):
+        return [j for j, b in enumerate(branches) if b != "meta"]
+    return list(range(len(branches)))
+
+
 def train(learner: MetaLearner, state: Any, on_iteration: Callable[[Any], None] | None = None) -> Any:
     """Meta-iterations from `state` to the end; `on_iteration(state)` after each step taken
     (not after the final evaluation). A finished state is returned unchanged."""

@@ -44,7 +44,7 @@ from ..policies import NeuralPolicy, policy_from_checkpoint
 from ..records import Var
 from ..registry import OptionError
 from ..rollout import Batch, derived_seed, time_baseline
-from .base import N_VIOLATING, TRPO_STEP_VARS, MetaLearner, evaluate_one_step
+from .base import N_VIOLATING, TRPO_STEP_VARS, MetaLearner, crpo_switch, evaluate_one_step
 
 
 @dataclass(frozen=True)
@@ -245,8 +245,7 @@ class SampledSafeMeta(MetaLearner):
             else:                                                                          # lines 10-11
                 entries.append(("cost", cost_surrogate(meta, meta_obs.data, int(np.argmax(violation))), meta_obs.data))
         n_violating = sum(e[0] == "cost" for e in entries)
-        if settings.switch == "any" and n_violating:
-            entries = [e for e in entries if e[0] == "cost"]
+        entries = [entries[j] for j in crpo_switch([e[0] for e in entries], settings.switch)]
         step, grad_norm = _trpo_meta_step(meta, entries, settings, n)
         record.update(_batch_record(batch_stats), n_violating=n_violating, step_accepted=step.accepted,
                       step_kl=step.kl, step_improvement=step.improvement, grad_norm=grad_norm)

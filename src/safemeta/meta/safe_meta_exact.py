@@ -52,7 +52,7 @@ from ..adaptation.dual_pgd import AdaptResult, ExactAdaptationSettings, adapted_
 from ..optim import trpo_step
 from ..policies import TabularSoftmaxPolicy
 from ..tasks.tabular import TabularCMDP, evaluate, evaluate_torch
-from .base import N_VIOLATING, TRPO_STEP_VARS, MetaLearner, evaluate_one_step
+from .base import N_VIOLATING, TRPO_STEP_VARS, MetaLearner, crpo_switch, evaluate_one_step
 
 META_GRADIENTS = ("eq6", "full", "first_order")
 AdaptationSettings = ExactAdaptationSettings
@@ -227,9 +227,8 @@ class ExactSafeMeta(MetaLearner):
                 i = int(np.argmax(violation))                              # line 10
                 grads.append(-cost_gradient(cmdp, logits, i)[1])           # line 11 (descent on J_ci)
                 branches.append(("cost", k, i))
-        if settings.switch == "any" and any(b[0] != "meta" for b in branches):
-            keep = [j for j, b in enumerate(branches) if b[0] != "meta"]
-            grads, branches, nus = [grads[j] for j in keep], [branches[j] for j in keep], [nus[j] for j in keep]
+        keep = crpo_switch([b[0] for b in branches], settings.switch)
+        grads, branches, nus = [grads[j] for j in keep], [branches[j] for j in keep], [nus[j] for j in keep]
         grad = np.mean(grads, axis=0)
         if not np.isfinite(grad).all():
             raise FloatingPointError(f"meta-training iteration {n}: the meta-gradient has non-finite entries")
