@@ -7,4 +7,6 @@ from ..registry import Registry
 
 OPERATORS = Registry(__name__, "adaptation operator", {
     "dual_pgd": ("dual_pgd:ExactDualPGD", "dual_pgd:SampledDualPGD"),   # the paper's A^s (Alg. 1 / Alg. 3)
+    "cvpo": ("cvpo:CVPO",),                                              # CVPO's E/M step with replay (Liu et al. 2022)
+    "trpo_lagrangian": ("trpo_lagrangian:TRPOLagrangian",),              # TRPO on the Lagrangian, dual ascent on nu
 })

@@ -7,4 +7,6 @@ from ..registry import Registry
 
 LEARNERS = Registry(__name__, "single-task learner", {
     "dual_pgd": ("dual_pgd:DualPGDFromScratch",),   # the paper's A^s iterated from a fresh policy
+    "cvpo": ("cvpo:CVPOFromScratch",),               # CVPO (Liu et al. 2022) from a fresh policy
+    "trpo_lagrangian": ("trpo_lagrangian:TRPOLagrangianFromScratch",),   # the primal-dual baseline
 })
