@@ -75,7 +75,9 @@ def expected_counts(config: dict) -> dict[str, int]:
     seeds = len(config.get("seeds", [0]))
     grid = len(config["scenarios"]) * seeds
     runs = seeds * sum(len(m.get("scenarios") or config["scenarios"]) for m in config.get("methods", {}).values())
-    return {"sample_tasks": grid, "meta_train": runs, "meta_test": runs, "aggregate": 1, "plot": 1, "all": 1}
+    single = seeds * sum(len(m.get("scenarios") or config["scenarios"]) for m in config.get("learners", {}).values())
+    out = {"sample_tasks": grid, "meta_train": runs, "meta_test": runs, "aggregate": 1, "plot": 1, "all": 1}
+    return {**out, "single_task": single} if single else out
 
 
 # --------------------------------------------------------------------------- static checks
@@ -99,9 +101,8 @@ def test_dry_run_dag_matches_the_config(tmp_path, source, args):
     work = make_workdir(tmp_path, TEST_CONFIG if args else source)  # --configfile must replace it, not extend it
     res = smk(work, "-n", "--cores", "2", *args)
     assert counts(res.out) == expected_counts(yaml.safe_load(source.read_text()))
-    assert "single_task" not in res.out  # no learner is implemented, so no single-task jobs
-    meta_train = [j for j in jobs(res.out) if j["rule"] == "meta_train"]
-    assert all("gpu=1" in j["resources"] for j in meta_train)
+    gpu_jobs = [j for j in jobs(res.out) if j["rule"] in ("meta_train", "single_task")]
+    assert all("gpu=1" in j["resources"] for j in gpu_jobs)
 
 
 @pytest.mark.parametrize("edit, key", [
@@ -202,7 +203,7 @@ def test_end_to_end_writes_summary_figures_and_report(pipeline):
     trace = read_dataset(pipeline.work / f"results/metatest/{small}/safemeta/seed{seed}/trace.nc")
     merged = summary.metatest_cost.sel(scenario=small, method_name="safemeta", seed=seed)  # keyword selection works
     np.testing.assert_array_equal(merged.isel(task=slice(0, n_tasks[small])).values, trace.cost.values)
-    for name in ("metatrain", "metatest", "compute_time"):
+    for name in ("metatrain", "metatest", "compute_time", "single_task"):
         assert (pipeline.work / "results" / "figures" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Nothing to be done" in dry(pipeline)
     smk(pipeline.work, "--report", "results/report.html", snakefile=pipeline.snakefile)
