@@ -61,7 +61,18 @@ def _band(ax, x: xr.DataArray, label: str, color: str) -> None:
     ax.fill_between(xs, (mean - std).values[keep], (mean + std).values[keep], color=color, alpha=0.25, lw=0)
 
 
+def _message(title: str, text: str) -> plt.Figure:
+    """A figure that only says why it has nothing to show."""
+    fig, ax = plt.subplots(figsize=(6, 2.5), constrained_layout=True)
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+    ax.set_axis_off()
+    fig.suptitle(title)
+    return fig
+
+
 def _curves(summary: xr.Dataset, prefix: str, xdim: str, xlabel: str, title: str) -> plt.Figure:
+    if f"{prefix}reward" not in summary:
+        return _message(title, "no method ran (`methods:` in the config is empty)")
     scenarios, methods = list(summary.scenario.values), list(summary.method_name.values)
     colors = _colors(methods)
     fig, axes = plt.subplots(2, len(scenarios), figsize=(4.2 * len(scenarios), 6.4), squeeze=False,
@@ -107,6 +118,8 @@ def compute_times(summary: xr.Dataset) -> dict[str, xr.DataArray]:
 
 
 def compute_time_figure(summary: xr.Dataset) -> plt.Figure:
+    if "method_name" not in summary.dims:
+        return _message("Normalised computation time", "no method ran (`methods:` in the config is empty)")
     scenarios, methods = list(summary.scenario.values), list(summary.method_name.values)
     colors = _colors(methods)
     panels = compute_times(summary)
@@ -165,7 +178,7 @@ def sample_curves(summary: xr.Dataset, scenario: str) -> dict[str, dict[str, xr.
     for learner in summary.learner.values:
         sel = one.sel(learner=learner)
         add(str(learner), sel["single_reward"], sel["single_cost"], sel["single_env_steps"], "single_step")
-    if "metatest_reward" in summary:
+    if "metatest_reward" in summary and "method_name" in summary.dims:
         for method in summary.method_name.values:
             sel = one.sel(method_name=method)
             add(f"{method} (meta-test)", sel["metatest_reward"], sel["metatest_cost"], sel["metatest_env_steps"], "step")
@@ -186,12 +199,8 @@ def single_task_figure(summary: xr.Dataset) -> plt.Figure:
     scenarios = [str(s) for s in summary.scenario.values
                  if has_learners and bool(summary["single_reward"].sel(scenario=s).notnull().any())]
     if not scenarios:
-        fig, ax = plt.subplots(figsize=(6, 2.5), constrained_layout=True)
-        ax.text(0.5, 0.5, "no single-task learner ran\n(set `learners:` in the config)", ha="center", va="center",
-                transform=ax.transAxes)
-        ax.set_axis_off()
-        fig.suptitle("Single-task learners against meta-test adaptation")
-        return fig
+        return _message("Single-task learners against meta-test adaptation",
+                        "no single-task learner ran\n(set `learners:` in the config)")
     fig, axes = plt.subplots(2, len(scenarios), figsize=(4.6 * len(scenarios), 6.4), squeeze=False,
                              constrained_layout=True)
     labels = sorted({label for s in scenarios for label in sample_curves(summary, s)})

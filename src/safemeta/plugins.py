@@ -243,10 +243,10 @@ def _check_pair(raw: dict[str, Any], resolved: dict[str, Any], section: str, sce
     reads = _fields(cls)
     given = {f"{section}.{label}.{k}": k for k in _given(raw, section, label)
              if k not in ("algorithm", "adaptation", "scenarios")}
-    if section == "methods":
+    if section == "methods":   # a scenario's metatrain overrides concern meta-learners only
         given.update({f"scenarios.{scenario}.methods.{label}.{k}": k
                       for k in _given(raw, "scenarios", scenario, "methods", label) if k != "adaptation"})
-    given.update({f"scenarios.{scenario}.metatrain.{k}": k for k in _given(raw, "scenarios", scenario, "metatrain")})
+        given.update({f"scenarios.{scenario}.metatrain.{k}": k for k in _given(raw, "scenarios", scenario, "metatrain")})
     _refuse_unread(given, reads, what, scenario)
     try:
         cls.check_options(algo_settings)
