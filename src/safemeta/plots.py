@@ -25,6 +25,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import xarray as xr  # noqa: E402
 
@@ -224,8 +225,9 @@ def single_task_figure(summary: xr.Dataset) -> plt.Figure:
         axes[1, col].set_xlabel("environment steps (log scale)")
         for row in range(2):
             axes[row, col].set_xscale("log")
+            axes[row, col].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[1, 0].legend(loc="best", fontsize="small")
-    fig.suptitle("Single-task learners from scratch vs. meta-test adaptation, against samples")
+    fig.suptitle("Learners from scratch vs.\nmeta-test adaptation")
     return fig
 
 

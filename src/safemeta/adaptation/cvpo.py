@@ -25,9 +25,10 @@ stored. The E-step uses the target critics (reward: the ensemble min).
 E-step: with A = Q_r - sum_i lam_i Q_ci at K particles a_bk ~ pi_k(.|s_b), the dual (9) with the
 inner expectation as the particle mean,
     g(eta, lam) = lam . eps1 + eta eps2 + eta mean_b log mean_k exp(A_bk / eta),
-is minimised over eta > 0, 0 <= lam <= LAM_MAX by projected Newton steps in (log eta, lam)
-(analytic gradient, eq. 34, and Hessian, App. A.3), warm-started from the previous solution, to a scaled KKT residual
-<= ESTEP_TOL: |mean_b KL(q_b || pi_k) - eps2| / eps2 for an interior eta, and |E[Q_ci] - eps1_i|
+is minimised over eta > 0, 0 <= lam <= LAM_MAX (`solve_estep_dual`: eta*(lam) by a 1-D solve,
+lam by projected Newton steps on the convex h(lam) = min_eta g; analytic gradient, eq. 34, and
+Hessian, App. A.3), warm-started from the previous solution, to a scaled KKT residual <=
+ESTEP_TOL: |mean_b KL(q_b || pi_k) - eps2| / eps2 for an interior eta, and |E[Q_ci] - eps1_i|
 relative to max(|eps1_i|, spread of Q_ci) for an interior lam_i (one-sided at the bounds). The
 weights are q*_bk = softmax_k(A_bk / eta) (eq. 8). If even lam = LAM_MAX leaves E_q[Q_c] > eps1
 (Slater's condition violated, Remark 4), lam stays at the bound and q* is the most cost-reducing
@@ -53,7 +54,6 @@ diagonal Gaussian with a state-free log-std (the meta-policy's), not a Cholesky 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
