@@ -10,7 +10,8 @@ episodes themselves (the exploration policy of every iteration k = 0..K):
 - training cost: sum over iterations of the mean episode cost (times `rollouts` it is the total
   cost of all training episodes; with 0/1 costs, the number of violating steps per rollout slot);
 - violating iterations: iterations whose mean episode cost exceeds d;
-- at limit from: the first iteration k from which the mean cost of iterations k..K is <= d.
+- at limit from: the first iteration k from which the mean cost of iterations k..K is <= d
+  (k at most K + 1 - the last 20 %; NaN when no such k: the run does not reach its limit).
 
     python benchmarks/cvpo_claims.py results/summary.nc [--csv out.csv]
 
@@ -32,7 +33,7 @@ def run_metrics(reward: np.ndarray, cost: np.ndarray, d: float) -> dict[str, flo
     keep = np.isfinite(reward)
     reward, cost = reward[keep], cost[keep]
     tail = max(1, int(round(0.2 * len(reward))))
-    tails = np.array([cost[k:].mean() for k in range(len(cost))])
+    tails = np.array([cost[k:].mean() for k in range(len(cost) - tail + 1)])   # windows of at least the tail
     reached = np.flatnonzero(tails <= d)
     return {"final_reward": float(reward[-tail:].mean()), "final_cost": float(cost[-tail:].mean()),
             "final_safe": float(cost[-tail:].mean() <= d), "training_cost": float(cost.sum()),

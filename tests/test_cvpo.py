@@ -174,7 +174,7 @@ def test_mstep_keeps_both_decoupled_kls_within_their_bounds_and_raises_the_weigh
     q_r = -((particles.double() - 1.0) ** 2).sum(-1).numpy()             # the best actions are far away, at (1, 1)
     _, _, w = estep_dual(q_r, np.zeros_like(q_r), 1.0, 0.5)
     weights = torch.as_tensor(w, dtype=torch.float32)
-    s = settings(CVPOSettings, kl_mean=0.01, kl_cov=0.001, mstep_iters=600, actor_lr=0.01)
+    s = settings(CVPOSettings, kl_mean=0.01, kl_cov=0.001, mstep_iters=300, actor_lr=0.01)
     optimizer = torch.optim.Adam(policy.parameters(), lr=s.actor_lr)
     duals = np.zeros(2)
     result = mstep(policy, optimizer, obs, particles, weights, old_mean, old_log_std, duals, s)
@@ -193,7 +193,7 @@ def test_mstep_keeps_both_decoupled_kls_within_their_bounds_and_raises_the_weigh
     assert float(loglik) == pytest.approx(result.log_likelihood[1], rel=1e-6)
 
     unconstrained = GaussianMLPPolicy.from_checkpoint(old.to_checkpoint())
-    free = settings(CVPOSettings, kl_mean=1e6, kl_cov=1e6, mstep_iters=600, actor_lr=0.01)
+    free = settings(CVPOSettings, kl_mean=1e6, kl_cov=1e6, mstep_iters=300, actor_lr=0.01)
     far = mstep(unconstrained, torch.optim.Adam(unconstrained.parameters(), lr=0.01), obs, particles, weights, old_mean,
                 old_log_std, np.zeros(2), free)
     assert far.kl_mean > 5 * s.kl_mean                                   # so the bounds above did the work
