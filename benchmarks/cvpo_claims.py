@@ -9,7 +9,7 @@ episodes themselves (the exploration policy of every iteration k = 0..K):
   "convergence", Fig. 5), and the fraction of runs whose final cost is <= d;
 - training cost: sum over iterations of the mean episode cost (times `rollouts` it is the total
   cost of all training episodes; with 0/1 costs, the number of violating steps per rollout slot);
-- violating iterations: iterations whose mean episode cost exceeds d;
+- violating iterations: explored policies (k = 0..K) whose mean episode cost exceeds d;
 - at limit from: the first iteration k from which the mean cost of iterations k..K is <= d
   (k at most K + 1 - the last 20 %; NaN when no such k: the run does not reach its limit).
 
@@ -38,7 +38,7 @@ def run_metrics(reward: np.ndarray, cost: np.ndarray, d: float) -> dict[str, flo
     return {"final_reward": float(reward[-tail:].mean()), "final_cost": float(cost[-tail:].mean()),
             "final_safe": float(cost[-tail:].mean() <= d), "training_cost": float(cost.sum()),
             "violating_iterations": float((cost > d).sum()), "at_limit_from": float(reached[0]) if reached.size else np.nan,
-            "iterations": float(len(reward) - 1), "d": d}
+            "policies": float(len(reward)), "d": d}
 
 
 def claims(summary) -> list[dict[str, object]]:
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['scenario']:<18} {r['learner']:<16} {r['runs']:>4} {r['final_reward']:>7.2f} ± {r['final_reward_sd']:<4.2f}"
               f" {r['final_cost']:>6.1f} ± {r['final_cost_sd']:<4.1f} {r['d']:>4.0f} {r['final_safe']:>5.2f}"
-              f" {r['training_cost']:>8.0f} ± {r['training_cost_sd']:<5.0f} {r['violating_iterations']:>4.1f}/{r['iterations']:<4.0f}"
+              f" {r['training_cost']:>8.0f} ± {r['training_cost_sd']:<5.0f} {r['violating_iterations']:>4.1f}/{r['policies']:<4.0f}"
               f" {r['at_limit_from']:>11.1f}")
     if args.csv:
         with open(args.csv, "w", newline="") as fh:

@@ -74,6 +74,8 @@ def test_estep_dual_matches_scipy_when_the_cost_constraint_is_slack(seed):
     assert eta == pytest.approx(ref[0], rel=1e-4)
     kl, cost = kl_and_cost(weights, q_c)
     assert kl == pytest.approx(0.05, rel=1e-6) and cost < eps1
+    warm = solve_estep_dual(q_r, q_c, eps1, 0.05, init=(eta, 3.0))    # from lam > 0 it must stop at the bound 0
+    assert warm.converged and warm.lam[0] == 0.0 and warm.eta == pytest.approx(eta, rel=1e-6)
 
 
 def test_estep_dual_without_a_feasible_q_pushes_lam_to_its_bound_and_recovers():
