@@ -236,9 +236,9 @@ def small_run():
 
 
 def test_cvpo_recovers_from_an_unsafe_start_and_raises_reward(small_run):
-    """Measured: cost 15.1 -> 0 from step 12 on (d = 2; lam at its bound in steps 3-14, while the
-    buffer holds the unsafe start's states), reward 0.19 -> 0.29 (mean of the last 3 steps) once
-    the E-step is feasible again (lam = 0 from step 16)."""
+    """Measured: cost 15.1 -> 0 from step 10 on (d = 2; lam at its bound in steps 4-13, while the
+    buffer holds the unsafe start's states), reward 0.19 -> 0.33 (mean of the last 3 steps) once
+    the E-step is feasible again (lam = 0 from step 14)."""
     task, seq = small_run
     d = task.params["d"][0]
     cost, reward = seq["cost"][:, 0], seq["reward"]

@@ -53,7 +53,6 @@ diagonal Gaussian with a state-free log-std (the meta-policy's), not a Cholesky 
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -534,7 +533,9 @@ class CVPO(AdaptationOperator):
         state.generator = torch.Generator().manual_seed(derived_seed(seed, 1))
         device = self.scenario.device
         state.critics = QEnsemble(obs_dim + act_dim, tuple(s.critic_hidden), REWARD_MEMBERS + p, state.generator).to(device)
-        state.targets = copy.deepcopy(state.critics).requires_grad_(False)
+        state.targets = QEnsemble(obs_dim + act_dim, tuple(s.critic_hidden), REWARD_MEMBERS + p, state.generator).to(device)
+        state.targets.load_state_dict(state.critics.state_dict())   # (its own draws are overwritten)
+        state.targets.requires_grad_(False)
         state.critic_optimizer = torch.optim.Adam(state.critics.parameters(), lr=s.critic_lr)
         state.actor_optimizer = None       # Adam moments of the policy (state_dict), carried between steps
         state.buffer = ReplayBuffer(s.buffer_size)
