@@ -104,8 +104,8 @@ def test_dry_run_dag_matches_the_config(tmp_path, source, args):
     assert counts(res.out) == expected_counts(config)
     if not config.get("learners"):
         assert "single_task" not in res.out
-    meta_train = [j for j in jobs(res.out) if j["rule"] == "meta_train"]
-    assert all("gpu=1" in j["resources"] for j in meta_train)
+    gpu_jobs = [j for j in jobs(res.out) if j["rule"] in ("meta_train", "single_task")]
+    assert all("gpu=1" in j["resources"] for j in gpu_jobs)
 
 
 @pytest.mark.parametrize("edit, key", [
@@ -206,7 +206,7 @@ def test_end_to_end_writes_summary_figures_and_report(pipeline):
     trace = read_dataset(pipeline.work / f"results/metatest/{small}/safemeta/seed{seed}/trace.nc")
     merged = summary.metatest_cost.sel(scenario=small, method_name="safemeta", seed=seed)  # keyword selection works
     np.testing.assert_array_equal(merged.isel(task=slice(0, n_tasks[small])).values, trace.cost.values)
-    for name in ("metatrain", "metatest", "compute_time"):
+    for name in ("metatrain", "metatest", "compute_time", "single_task"):
         assert (pipeline.work / "results" / "figures" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Nothing to be done" in dry(pipeline)
     smk(pipeline.work, "--report", "results/report.html", snakefile=pipeline.snakefile)

@@ -346,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="draw the figures (PNG) from summary.nc",
                        description="Draw metatrain.png (reward and max cost of the one-step adapted policy per "
                                    "meta-iteration), metatest.png (the same per adaptation step, limit d dashed) "
-                                   "and compute_time.png (normalised computation time per method).")
+                                   "compute_time.png (normalised computation time per method) and single_task.png "
+                                   "(single-task learners and meta-test curves against environment steps).")
     p.add_argument("--summary", required=True, help="summary.nc written by `safemeta aggregate`")
     p.add_argument("--out-dir", required=True, help="directory for the PNG files, e.g. results/figures")
     p.set_defaults(func=cmd_plot)

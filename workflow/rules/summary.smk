@@ -43,6 +43,11 @@ rule plot:
             caption="../report/compute_time.rst",
             category="Figures",
         ),
+        single_task=report(
+            "results/figures/single_task.png",
+            caption="../report/single_task.rst",
+            category="Figures",
+        ),
     params:
         code=stage_code_hash("plot"),
         out_dir=lambda wc, output: os.path.dirname(output.metatrain),
