@@ -27,7 +27,6 @@ u_max closed form, which tends to the minimiser of the violated constraint's sur
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ClassVar
 
@@ -35,8 +34,9 @@ import numpy as np
 import torch
 
 from ..records import Var
-from ..tasks.tabular import Evaluation, TabularCMDP, evaluate, evaluate_torch
-from .base import AdaptationOperator, Observation, Step
+from ..tasks.tabular import Evaluation, TabularCMDP, evaluate_torch
+from .base import Observation, Step
+from .observation import ExactObserver, RolloutObserver
 
 if TYPE_CHECKING:
     from ..policies import NeuralPolicy
@@ -403,33 +403,13 @@ def _fit_e22(adapted: "NeuralPolicy", obs: torch.Tensor, actions: torch.Tensor, 
 FEASIBLE = Var((), "problem (1) of the step was feasible", "1", initial=1.0)
 
 
-class ExactDualPGD(AdaptationOperator):
+class ExactDualPGD(ExactObserver):
     """A^s on a tabular CMDP with exact advantages (Alg. 1); observation = exact evaluation."""
 
     name = "dual_pgd"
     kinds = ("exact",)
     Settings = ExactAdaptationSettings
     step_vars = {"feasible": FEASIBLE}
-
-    def start(self, task, policy, seed):
-        state = super().start(task, policy, seed)
-        state.cmdp = self._cmdp(task)
-        return state
-
-    def _cmdp(self, task):
-        """The task's CMDP, built once per task object (meta-training evaluates the same tasks often)."""
-        cache = self.__dict__.setdefault("_cmdps", {})
-        if id(task) not in cache:
-            cache[id(task)] = (task, self.scenario.distribution.cmdp(task))   # the task is kept alive
-        return cache[id(task)][1]
-
-    def return_kind(self) -> str:
-        return "exact expected discounted return from rho (tabular, no sampling)"
-
-    def observe(self, state, policy, seed: int) -> Observation:
-        t0 = time.perf_counter()
-        ev = evaluate(state.cmdp, policy.probs())
-        return Observation(ev.J, ev.Jc, np.zeros_like(ev.Jc), time.perf_counter() - t0, 0, ev)
 
     def step(self, state, policy, observation: Observation) -> Step:
         from ..policies import TabularSoftmaxPolicy
@@ -438,19 +418,13 @@ class ExactDualPGD(AdaptationOperator):
         return Step(TabularSoftmaxPolicy(res.logits, normalized=True), res.u, res.kl, {"feasible": res.feasible}, res)
 
 
-class SampledDualPGD(AdaptationOperator):
+class SampledDualPGD(RolloutObserver):
     """A^s from one batch of the current policy's rollouts (Alg. 3, `adapt_sampled`)."""
 
     name = "dual_pgd"
     kinds = ("sampled",)
     Settings = SampledAdaptationSettings
     step_vars = {"feasible": FEASIBLE}
-
-    def observe(self, state, policy, seed: int) -> Observation:
-        batch = self.scenario.rollout(state.task, policy, seed)
-        return Observation(float(batch.episode_reward.mean()), batch.constraint_value.double().cpu().numpy(),
-                           batch.constraint_value_se.double().cpu().numpy(), batch.sampling_time,
-                           int(batch.alive.sum()), batch)
 
     def step(self, state, policy, observation: Observation) -> Step:
         res = adapt_sampled(policy, observation.data, state.limits, self.settings)
