@@ -8,4 +8,5 @@ from ..registry import Registry
 OPERATORS = Registry(__name__, "adaptation operator", {
     "dual_pgd": ("dual_pgd:ExactDualPGD", "dual_pgd:SampledDualPGD"),   # the paper's A^s (Alg. 1 / Alg. 3)
     "pg_penalty": ("pg_penalty:ExactPGPenalty", "pg_penalty:SampledPGPenalty"),   # MAML's inner step + penalty
+    "crpo": ("crpo:ExactCRPO", "crpo:SampledCRPO"),   # CRPO (Xu et al. 2021), Meta-CRPO's step
 })
