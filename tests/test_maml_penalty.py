@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import random_cmdp
-from safemeta.adaptation.pg_penalty import ExactPGPenaltySettings, exact_inner_step, exact_penalised, pg_data
+from safemeta.adaptation.pg_penalty import ExactPGPenaltySettings, exact_inner_step, exact_penalised, pg_data, surrogate
 from safemeta.config import load_config, settings
 from safemeta.meta.maml_penalty import exact_meta_gradient, exact_meta_objective, maml_objective
 from safemeta.optim import flat_grad
@@ -123,3 +123,27 @@ def test_sampled_meta_gradient_equals_higher_innerloop_ctx():
                                                       - outer.behaviour_log_prob)).sum(), list(theta.values()))
     fo = torch.cat([g.reshape(-1) for g in fo])
     assert float((fo - ours).norm()) > 1e-3 * float(ours.norm())
+
+
+def test_sampled_step_direction_estimates_the_exact_penalised_gradient():
+    """pg_data's coefficients (unnormalised) give grad J - w 1[J_c > d] grad J_c of the exact CMDP."""
+    from safemeta.policies import CategoricalMLPPolicy
+    from safemeta.rollout import collect
+    from safemeta.tasks.tabular import TabularBatchEnv
+
+    cmdp = random_cmdp(8, S=4, A=3, p=1, correlation=0.4)
+    logits = np.random.default_rng(6).normal(size=(4, 3))
+    Jc = evaluate(cmdp, np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).Jc
+    cmdp = dataclasses.replace(cmdp, d=Jc - 0.5)                     # the hinge is active
+    policy = CategoricalMLPPolicy(4, 3, ())
+    with torch.no_grad():
+        policy.logits[0].weight.copy_(torch.tensor(logits.T, dtype=torch.float32))
+    batch = collect(TabularBatchEnv(cmdp, 4000, 60, 0), policy, torch.Generator().manual_seed(1),
+                    gamma=cmdp.gamma, constraint_gamma=cmdp.gamma)
+    data = pg_data(batch, cmdp.d, 3.0, "hinge", normalize=False)
+    assert data.weights[0] == 3.0 and data.scale == 1.0
+    got = torch.autograd.grad(surrogate(policy, data), policy.logits[0].weight)[0].numpy().T
+    want = torch.func.grad(lambda th: exact_penalised(cmdp, th, 3.0, "hinge"))(torch.tensor(logits)).numpy()
+    assert np.linalg.norm(got - want) < 0.08 * np.linalg.norm(want)
+    normalised = pg_data(batch, cmdp.d, 3.0, "hinge", normalize=True)   # the same direction, rescaled
+    torch.testing.assert_close(normalised.coef, data.coef * normalised.scale)

@@ -94,6 +94,21 @@ class ExactCRPO(ExactObserver):
                     {"cost_step": float(i >= 0), "step_accepted": float(res.accepted)}, res)
 
 
+def surrogate_coefficients(batch, branch: int) -> torch.Tensor:
+    """Per-sample weights c_m of the branch's surrogate sum_m c_m rho_m on a batch's alive steps:
+    (gamma^t / N)(Q_t - b_t) for the reward (branch -1), -(gamma_c^t / N)(C_it - b_it) for cost i.
+    At the behaviour policy, sum_m c_m grad log pi(a_m|s_m) estimates grad J, resp. -grad J_ci."""
+    from ..rollout import time_baseline
+
+    alive, n = batch.alive, batch.num_rollouts
+    if branch < 0:
+        coef = batch.discount[alive] / n * (batch.q_reward - time_baseline(batch.q_reward, alive))[alive]
+    else:
+        to_go = batch.cost_to_go[..., branch]
+        coef = -batch.constraint_discount[alive] / n * (to_go - time_baseline(to_go, alive))[alive]
+    return coef.detach()
+
+
 class SampledCRPO(RolloutObserver):
     """One CRPO iteration from one batch of the policy's rollouts (module doc)."""
 
@@ -103,18 +118,11 @@ class SampledCRPO(RolloutObserver):
     step_vars = STEP_VARS
 
     def step(self, state, policy, observation: Observation) -> Step:
-        from ..rollout import time_baseline
-
         s, batch = self.settings, observation.data
         i = crpo_branch(observation.cost, state.limits, s.tolerance)
-        alive, n = batch.alive, batch.num_rollouts
+        alive = batch.alive
         obs, actions, old_logp = batch.obs[alive], batch.actions[alive], batch.log_prob[alive]
-        if i < 0:
-            coef = batch.discount[alive] / n * (batch.q_reward - time_baseline(batch.q_reward, alive))[alive]
-        else:
-            to_go = batch.cost_to_go[..., i]
-            coef = -batch.constraint_discount[alive] / n * (to_go - time_baseline(to_go, alive))[alive]
-        coef = coef.detach()
+        coef = surrogate_coefficients(batch, i)
 
         def surrogate(params):
             return (coef * torch.exp(policy.log_prob(obs, actions, params) - old_logp)).sum()
