@@ -19,11 +19,14 @@ meta-learner gets the second-order MAML gradient through it.
 Sampled (one batch of pi_theta's rollouts): grad J ~ (1/N) sum_{n,t} gamma^t grad log pi (Q_t - b_t),
 grad J_ci ~ (1/N) sum_{n,t} gamma_c^t grad log pi (C_it - b_it), with Q the discounted and C the
 constrained (constraint_gamma) returns-to-go and b the per-step mean over rollouts (an
-action-independent baseline); the indicator uses the batch's Monte-Carlo J_ci. With
-`normalize_advantages` the step direction is divided by sum_{n,t} gamma^t / N and by the
-nu-weighted standard deviation of the reward advantages (both detached), so alpha is a step in
-units of E_nu[grad log pi A / std(A)], the normalisation of pytorch-maml-rl, and stays comparable
-across scenarios of different horizon and reward scale; the penalty keeps its relative weight w.
+action-independent baseline); the indicator uses the batch's Monte-Carlo J_ci. Per sample the
+direction is (gamma^t / N) Abar_t grad log pi with the penalised advantage
+Abar_t = (Q_t - b_t) - sum_i w_i 1[J_ci > d_i] (gamma_c / gamma)^t (C_it - b_it). With
+`normalize_advantages` it is divided by sum_{n,t} gamma^t / N and by the nu-weighted standard
+deviation of Abar (both detached), so alpha is a step in units of E_nu[grad log pi Abar / std(Abar)]:
+pytorch-maml-rl's normalisation of the (here penalised) advantage, which keeps the step's size
+comparable across scenarios whose rewards and costs have different scales (point_circle: episode
+reward about 1, cost about 50), while w keeps its meaning in return units.
 The inner step treats the data as fixed: `inner_step` differentiates the surrogate
 sum coef * log pi_params (torch.func.grad over functional_call), as MAML-TRPO does.
 """
@@ -109,13 +112,15 @@ def pg_data(batch: "Batch", limits: np.ndarray, penalty: float | list[float], fo
     coef_r = batch.discount[alive] / n * adv
     coef_c = batch.constraint_discount[alive] / n * (con * torch.as_tensor(weights, dtype=con.dtype,
                                                                            device=con.device)).sum(-1)
+    coef = coef_r - coef_c
     scale = 1.0
-    if normalize:
+    if normalize:   # coef = (gamma^t / N) * Abar, Abar the penalised advantage: E_nu[grad log pi Abar] / std_nu(Abar)
         nu = batch.visitation()[alive]
-        std = float(torch.sqrt((nu * (adv - (nu * adv).sum()) ** 2).sum()))
         horizon = float(batch.discount.sum()) / n
+        penalised_adv = coef / (batch.discount[alive] / n)
+        std = float(torch.sqrt((nu * (penalised_adv - (nu * penalised_adv).sum()) ** 2).sum()))
         scale = 1.0 / (horizon * std) if std > 0 else 1.0 / horizon
-    return PGData(batch.obs[alive], batch.actions[alive], batch.log_prob[alive], (scale * (coef_r - coef_c)).detach(),
+    return PGData(batch.obs[alive], batch.actions[alive], batch.log_prob[alive], (scale * coef).detach(),
                   weights, cost, scale)
 
 
