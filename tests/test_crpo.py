@@ -18,7 +18,7 @@ from scipy.optimize import minimize
 from conftest import OneCMDP, random_cmdp, scenario_of, softmax
 from safemeta.adaptation.base import Observation
 from safemeta.adaptation.crpo import CRPOSettings, ExactCRPO, crpo_branch, surrogate_coefficients
-from safemeta.config import ConfigError, load_config, settings
+from safemeta.config import ConfigError, load_config, settings, stage_config
 from safemeta.meta.base import train
 from safemeta.meta.meta_crpo import MetaCRPOState, SampledMetaCRPO, SampledMetaCRPOSettings
 from safemeta.plugins import build_meta_learner, build_scenario
@@ -159,4 +159,10 @@ def test_a_scenario_metatrain_key_needs_one_method_that_reads_it():
     with pytest.raises(ConfigError, match=r"config key 'scenarios\.s\.metatrain\.max_kl': not read by any method"):
         load_config(config)
     config["methods"]["m"] = {"algorithm": "maml_penalty"}   # MAML's TRPO outer step reads it
-    assert load_config(config)["scenarios"]["s"]["metatrain"] == {"max_kl": 0.01}
+    resolved = load_config(config)
+    assert resolved["scenarios"]["s"]["metatrain"] == {"max_kl": 0.01}
+    # each job's config part keeps the keys its method reads, and is a valid config by itself
+    parts = {m: stage_config(resolved, "meta_train", "s", m) for m in ("c", "m")}
+    assert parts["c"]["scenarios"]["s"]["metatrain"] == {} and parts["m"]["scenarios"]["s"]["metatrain"] == {"max_kl": 0.01}
+    for part in parts.values():
+        load_config(part)

@@ -138,6 +138,8 @@ def stage_part(config: dict[str, Any], stage: str, scenario: str, label: str) ->
     scen = select(config, "scenarios", scenario)
     dropped = {"meta_train": ("metatest",), "meta_test": ("metatrain",), "single_task": ("metatrain", "metatest")}[stage]
     part_scen = {k: v for k, v in scen.items() if k not in ("adaptation", "methods", *dropped)}
+    if "metatrain" in part_scen:   # the shared override: only the keys this method reads
+        part_scen["metatrain"] = {k: v for k, v in part_scen["metatrain"].items() if k in reads}
     operator_block = block_defaults(f"operator_{name}") | scen.get("adaptation", {}).get(name, {})
     part_scen["adaptation"] = {name: {k: v for k, v in operator_block.items() if k in op_reads}}
     if section == "methods" and label in scen.get("methods", {}):
