@@ -16,7 +16,6 @@ import torch
 from scipy.optimize import minimize
 
 from conftest import OneCMDP, random_cmdp, scenario_of, softmax
-from safemeta.adaptation.base import Observation
 from safemeta.adaptation.crpo import CRPOSettings, ExactCRPO, crpo_branch, surrogate_coefficients
 from safemeta.config import ConfigError, load_config, settings, stage_config
 from safemeta.meta.base import train

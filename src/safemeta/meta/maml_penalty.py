@@ -16,11 +16,11 @@ Hessian-vector product is what the paper's Hessian-free method avoids).
   whose gradient through theta'(phi) estimates the meta-gradient (`maml_objective`). As in
   MAML-TRPO, the dependence of the sampled data on phi (the score terms of DiCE / ProMP) is
   not differentiated, and the hinge's indicators come from the batches' Monte-Carlo J_c.
-Outer step (lines as the paper's Alg. 2 for its own method): the mean meta-gradient over
-`tasks_per_iteration` training tasks, one TRPO step with the Fisher of the meta-policy on the
-batch's states (exact: visitation-weighted), its mean KL as the trust region (`max_kl`, App.
-D.2's delta for the paper's method), and a line search on the meta-objective re-adapted at each
-candidate. Every draw derives from (seed, iteration, task), so a resumed run continues bit for bit.
+Outer step (as Alg. 2/4 take it for the paper's method, without the CRPO switch): the mean
+meta-gradient over `tasks_per_iteration` training tasks, one TRPO step with the Fisher of the
+meta-policy on the batch's states (exact: visitation-weighted), its mean KL as the trust region
+(`max_kl`, App. D.2's delta for the paper's method), and a line search on the meta-objective
+re-adapted at each candidate. Every draw derives from (seed, iteration, task), so a resumed run continues bit for bit.
 """
 from __future__ import annotations
 
