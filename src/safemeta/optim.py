@@ -16,6 +16,7 @@ of one forward pass kept: about one forward and one backward pass per product, a
 double back-propagation of the KL (`autograd_fisher_vector_product`, the reference for any
 other policy). `subsample` < 1 estimates F on a random fraction of the states (as common TRPO
 implementations do), their weights rescaled to the full batch's total.
+The Fisher-vector product and mean KL of a tabular softmax (exact scenarios) live here too.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .policies import CategoricalMLPPolicy, GaussianMLPPolicy, NeuralPolicy
@@ -154,6 +156,25 @@ def _gauss_newton_product(policy: NeuralPolicy, linear: list[torch.nn.Linear], o
             return torch.cat(out)
 
     return fvp
+
+
+def softmax_fisher_vector_product(probs: np.ndarray, weights: np.ndarray) -> Callable[[torch.Tensor], torch.Tensor]:
+    """v -> F v for a tabular softmax: F = sum_s w(s) (diag pi_s - pi_s pi_s^T), v flat [S*A]."""
+    pi = torch.from_numpy(probs)
+    w = torch.from_numpy(weights)[:, None]
+
+    def fvp(v: torch.Tensor) -> torch.Tensor:
+        v = v.reshape(pi.shape)
+        return (w * pi * (v - (pi * v).sum(-1, keepdim=True))).reshape(-1)
+
+    return fvp
+
+
+def mean_kl(old_probs: np.ndarray, weights: np.ndarray, new_logits: np.ndarray) -> float:
+    """sum_s w(s) KL(pi_old(.|s) || pi_new(.|s)) (w sums to 1 for a visitation distribution)."""
+    log_new = new_logits - np.logaddexp.reduce(new_logits, axis=-1, keepdims=True)
+    log_old = np.log(np.clip(old_probs, 1e-300, None))
+    return float((weights * (old_probs * (log_old - log_new)).sum(-1)).sum())
 
 
 def conjugate_gradient(fvp: Callable[[Vector], Vector], b: Vector, iters: int = 10,
