@@ -1,11 +1,24 @@
 """Throughput of the task environments.
 
-For each MuJoCo scenario: batched env-steps/s under a fixed uniformly random policy, against raw
-`mj_step` throughput (a Python loop over one MjData of the same compiled model, same frame skip,
-same random controls) measured in the same run, interleaved, best of `--repeats`; the ratio is the
-figure (target >= 0.8 for half_cheetah_vel and point_circle at 64 envs). Also the time of one
-`reset()` of all copies and of `make_env`. For the torch tasks: env-steps/s on CPU (and CUDA when
-present), with and without autograd.
+MuJoCo scenarios: env-steps/s of the sampling code itself (`rollout.collect_tasks`: a fresh
+policy network's forward pass and draws every step, the BatchEnv, the Batch bookkeeping), for
+one task with N copies and for several tasks in one batch (`make_envs`, "10x10": 10 tasks x 10
+copies, a meta-iteration's batch at navigation sizes), against references measured in the same
+run, interleaved, best of `--repeats`, at the same thread count:
+- raw: a bare `mj_step(nstep=frame_skip)` loop on one MjData per thread (random controls,
+  reset at the horizon or, humanoid, when unhealthy): physics with nothing else;
+- rollout: `mujoco.rollout` (C++ loop over the copies, open-loop random controls, one MjData per
+  thread), the simulator's own batched stepping;
+- per-task (multi-task rows): the same tasks collected one after another, one env each (main's
+  path before issue 15);
+- gymnasium (locomotion): gymnasium's SyncVectorEnv of N v5 envs of the same model, random
+  actions, no policy (the ecosystem's reference; Safety-Gymnasium's navigation has no Python
+  3.11 release, see `--sg`).
+Ratios: batched / raw (issue 15's goal: >= 0.85 at 10x10), / rollout, / per-task, / gymnasium.
+One thread is timed in CPU seconds of this process (the shared machine's other load matters
+less), more threads in wall seconds. Also the time of one `reset()` of all copies and of
+`make_env(s)`. For the torch tasks: env-steps/s on CPU (and CUDA when present), with and
+without autograd.
 
 Safety-Gymnasium (`--sg`, needs `safemeta sg-setup`): per navigation scenario, the native env
 (one physics thread) and its sg_* twin (one worker process, same task, same random actions) side
@@ -15,12 +28,14 @@ trip of one empty step (no copy active) through each transport.
 
     .venv/bin/python benchmarks/bench_envs.py                 # full table
     .venv/bin/python benchmarks/bench_envs.py --quick         # a few seconds
-    .venv/bin/python benchmarks/bench_envs.py --scenarios point_circle --envs 16 64 --threads 1 2
-    .venv/bin/python benchmarks/bench_envs.py --sg --envs 10            # native vs Safety-Gymnasium only
+    .venv/bin/python benchmarks/bench_envs.py --scenarios point_circle --layouts 1x64 10x10 --threads 1 2
+    .venv/bin/python benchmarks/bench_envs.py --sg --layouts 1x10            # native vs Safety-Gymnasium only
 """
 from __future__ import annotations
 
 import argparse
+import os
+import threading
 import time
 
 import mujoco
@@ -34,58 +49,138 @@ MUJOCO = ["half_cheetah_vel", "hopper_vel", "swimmer_vel", "humanoid_dir", "poin
           "point_button"]
 TORCH = ["function_env", "function_env_floor", "cartpole_pos", "point_circle_diff"]
 SG_NATIVE = ["point_circle", "car_circle_hazard", "point_button"]   # scenarios with an sg_* twin
+GYMNASIUM = {"half_cheetah_vel": "HalfCheetah-v5", "hopper_vel": "Hopper-v5", "swimmer_vel": "Swimmer-v5",
+             "humanoid_dir": "Humanoid-v5"}
 
 
-def batched_rate(env, actions: torch.Tensor) -> float:
-    """Env-steps/s of the BatchEnv; only copies still running count; a fully terminated batch is reset."""
+class Timer:
+    """Seconds of the process's CPU (one thread) or of the wall (threaded physics)."""
+
+    def __init__(self, threads: int) -> None:
+        self.clock = time.process_time if threads == 1 else time.perf_counter
+
+
+def batched_rate(env, policies, steps: int, timer: Timer) -> float:
+    """Env-steps/s of `collect_tasks` on env (all its tasks), counting the steps of live copies."""
+    from safemeta.rollout import collect_tasks
+
+    counted, start = 0, timer.clock()
+    while counted < steps:
+        gens = [torch.Generator().manual_seed(k) for k in range(len(policies))]
+        counted += sum(int(b.alive.sum()) for b in collect_tasks(env, policies, gens, 0.99))
+    return counted / (timer.clock() - start)
+
+
+def per_task_rate(envs, policy, steps: int, timer: Timer) -> float:
+    """The same tasks collected one after another, one env each."""
+    from safemeta.rollout import collect
+
+    counted, start = 0, timer.clock()
+    while counted < steps:
+        for k, env in enumerate(envs):
+            counted += int(collect(env, policy, torch.Generator().manual_seed(k), 0.99).alive.sum())
+    return counted / (timer.clock() - start)
+
+
+def raw_rate(model: mujoco.MjModel, frame_skip: int, controls: np.ndarray, horizon: int, healthy, threads: int,
+             timer: Timer) -> float:
+    """Env-steps/s of bare mj_step(nstep=frame_skip) on one MjData per thread (reset at the horizon
+    or when unhealthy), `threads` loops at once."""
+    def loop(d: mujoco.MjData) -> None:
+        for t, c in enumerate(controls):
+            d.ctrl[:] = c
+            mujoco.mj_step(model, d, nstep=frame_skip)
+            if (t + 1) % horizon == 0 or (healthy is not None and not healthy(d)):
+                mujoco.mj_resetData(model, d)
+
+    datas = [mujoco.MjData(model) for _ in range(threads)]
+    start = timer.clock()
+    if threads == 1:
+        loop(datas[0])
+    else:
+        workers = [threading.Thread(target=loop, args=(d,)) for d in datas]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    return threads * len(controls) / (timer.clock() - start)
+
+
+def rollout_rate(env, horizon: int, threads: int, timer: Timer) -> float:
+    """Env-steps/s of mujoco.rollout over the env's copies from their reset states, one horizon of
+    open-loop random controls held for frame_skip substeps."""
+    from mujoco import rollout
+
+    sim = env.sim
+    spec = mujoco.mjtState.mjSTATE_FULLPHYSICS
     env.reset()
-    done = torch.zeros(env.num_envs, dtype=torch.bool)
-    counted = 0
-    start = time.perf_counter()
+    models = sim.models
+    state = np.stack([_state(m, sim.data(i), spec) for i, m in enumerate(models)])
+    low, high = env.action_space.low.astype(np.float64), env.action_space.high.astype(np.float64)
+    rng = np.random.default_rng(0)
+    control = np.repeat(rng.uniform(low, high, (sim.num_envs, horizon, low.shape[0])), sim.frame_skip, axis=1)
+    datas = [mujoco.MjData(models[0]) for _ in range(threads)]
+    start = timer.clock()
+    rollout.rollout(models, datas if threads > 1 else datas[0], state, control)
+    return sim.num_envs * horizon / (timer.clock() - start)
+
+
+def _state(model: mujoco.MjModel, data: mujoco.MjData, spec) -> np.ndarray:
+    out = np.empty(mujoco.mj_stateSize(model, spec))
+    mujoco.mj_getState(model, data, out, spec)
+    return out
+
+
+def gym_rate(env_id: str, num_envs: int, steps: int, timer: Timer) -> float:
+    import gymnasium
+
+    vec = gymnasium.vector.SyncVectorEnv([lambda: gymnasium.make(env_id) for _ in range(num_envs)])
+    vec.reset(seed=0)
+    rng = np.random.default_rng(0)
+    space = vec.single_action_space
+    actions = rng.uniform(space.low, space.high, (max(steps // num_envs, 1), num_envs, space.shape[0]))
+    start = timer.clock()
     for a in actions:
-        counted += int((~done).sum())
-        done = env.step(a).terminated
-        if done.all():
-            env.reset()
-            done[:] = False
-    return counted / (time.perf_counter() - start)
+        vec.step(a)
+    rate = len(actions) * num_envs / (timer.clock() - start)
+    vec.close()
+    return rate
 
 
-def raw_rate(model: mujoco.MjModel, frame_skip: int, controls: np.ndarray, horizon: int, healthy=None) -> float:
-    """Env-steps/s of bare mj_step(nstep=frame_skip) on one MjData (reset at the horizon or when unhealthy)."""
-    d = mujoco.MjData(model)
-    start = time.perf_counter()
-    for t, c in enumerate(controls):
-        d.ctrl[:] = c
-        mujoco.mj_step(model, d, nstep=frame_skip)
-        if (t + 1) % horizon == 0 or (healthy is not None and not healthy(d)):
-            mujoco.mj_resetData(model, d)
-    return len(controls) / (time.perf_counter() - start)
+def bench_mujoco(name: str, tasks: int, copies: int, threads: int, steps: int, repeats: int, gym: bool) -> dict:
+    from safemeta.config import check_block
+    from safemeta.policies import policy_for
 
-
-def bench_mujoco(name: str, num_envs: int, threads: int, steps: int, repeats: int) -> dict[str, float]:
     dist = get_distribution(name, sim_threads=threads)
-    task = dist.sample(1, seed=0)[0]
+    task_list = dist.sample(tasks, seed=0)
     t0 = time.perf_counter()
-    env = dist.make_env(task, num_envs, seed=0)
+    env = dist.make_envs(task_list, copies, list(range(tasks))) if tasks > 1 else dist.make_env(task_list[0], copies, 0)
     make_ms = (time.perf_counter() - t0) * 1e3
+    options = check_block({}, "scenario", "")["policy"]
+    torch.manual_seed(0)
+    policy = policy_for(env.observation_space, env.action_space, tuple(options["hidden"]), options["init_log_std"])
+    singles = [dist.make_env(t, copies, k) for k, t in enumerate(task_list)] if tasks > 1 else None
     low, high = env.action_space.low, env.action_space.high
-    gen = torch.Generator().manual_seed(0)
-    actions = torch.from_numpy(low) + torch.rand(steps, num_envs, low.shape[0], generator=gen) * torch.from_numpy(high - low)
-    controls = actions.reshape(-1, low.shape[0]).double().numpy()[: max(steps * num_envs // 4, 2000)]
+    controls = np.random.default_rng(0).uniform(low, high, (max(steps // 4, 2000), low.shape[0]))
     healthy = (lambda d: 1.0 < d.qpos[2] < 2.0) if name == "humanoid_dir" else None
-    batched, raw = [], []
+    timer = Timer(threads)
+    out: dict[str, list[float]] = {"batched": [], "raw": [], "rollout": [], "per_task": [], "gym": []}
     for _ in range(repeats):
-        batched.append(batched_rate(env, actions))
-        raw.append(raw_rate(env.model, env.sim.frame_skip, controls, env.horizon, healthy))
+        out["batched"].append(batched_rate(env, [policy] * tasks, steps, timer))
+        out["raw"].append(raw_rate(env.model, env.sim.frame_skip, controls, env.horizon, healthy, threads, timer))
+        out["rollout"].append(rollout_rate(env, min(env.horizon, max(steps // env.num_envs, 20)), threads, timer))
+        if singles:
+            out["per_task"].append(per_task_rate(singles, policy, steps, timer))
+        if gym and name in GYMNASIUM:
+            out["gym"].append(gym_rate(GYMNASIUM[name], tasks * copies, steps, timer))
     resets = []
     for _ in range(max(3, repeats)):
         t0 = time.perf_counter()
         env.reset()
         resets.append(time.perf_counter() - t0)
     env.close()
-    return {"batched": max(batched), "raw": max(raw), "reset_ms": 1e3 * min(resets), "make_ms": make_ms,
-            "threads": env.sim.threads}
+    best = {k: max(v) if v else float("nan") for k, v in out.items()}
+    return {**best, "reset_ms": 1e3 * min(resets), "make_ms": make_ms, "threads": env.sim.threads}
 
 
 def bench_torch(name: str, num_envs: int, steps: int, device: str, grad: bool) -> float:
@@ -128,6 +223,22 @@ def empty_round_trip(env, repeats: int = 200) -> float:
     return timed(lambda: env._command(sg_worker.STEP, sg_navigation.STEP_SECONDS, "step"), repeats)
 
 
+def action_rate(env, actions: torch.Tensor) -> float:
+    """Env-steps/s of the BatchEnv under fixed actions; only copies still running count; a fully
+    terminated batch is reset."""
+    env.reset()
+    done = torch.zeros(env.num_envs, dtype=torch.bool)
+    counted = 0
+    start = time.perf_counter()
+    for a in actions:
+        counted += int((~done).sum())
+        done = env.step(a).terminated
+        if done.all():
+            env.reset()
+            done[:] = False
+    return counted / (time.perf_counter() - start)
+
+
 def bench_sg(name: str, num_envs: int, steps: int, repeats: int) -> dict[str, float]:
     """Native vs Safety-Gymnasium worker on the same task and actions (see the module docstring)."""
     from safemeta.tasks import Task
@@ -144,7 +255,7 @@ def bench_sg(name: str, num_envs: int, steps: int, repeats: int) -> dict[str, fl
         start = time.perf_counter()
         env = dist.make_env(t, num_envs, seed=0)
         out[f"{label}_make_ms"] = 1e3 * (time.perf_counter() - start)
-        out[f"{label}_rate"] = max(batched_rate(env, actions) for _ in range(repeats))
+        out[f"{label}_rate"] = max(action_rate(env, actions) for _ in range(repeats))
         out[f"{label}_reset_ms"] = 1e3 * timed(env.reset, max(3, repeats))
         if label != "native":
             out[f"{label}_rtt_us"] = 1e6 * empty_round_trip(env)
@@ -155,32 +266,41 @@ def bench_sg(name: str, num_envs: int, steps: int, repeats: int) -> dict[str, fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenarios", nargs="+", default=MUJOCO + TORCH, help="scenarios to measure")
-    parser.add_argument("--envs", nargs="+", type=int, default=[64], help="batch sizes (MuJoCo)")
+    parser.add_argument("--layouts", nargs="+", default=["1x10", "1x40", "1x64", "1x400", "10x10"],
+                        help="MuJoCo batches, TASKSxCOPIES")
     parser.add_argument("--threads", nargs="+", default=["1", "auto"], help="physics threads per env ('auto' = usable CPUs, <= 4)")
-    parser.add_argument("--steps", type=int, default=200, help="env steps per timed MuJoCo run")
+    parser.add_argument("--steps", type=int, default=20000, help="env-steps per timed MuJoCo run (at least one horizon)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions (best is reported)")
+    parser.add_argument("--no-gym", action="store_true", help="leave out gymnasium's vector env")
     parser.add_argument("--torch-envs", type=int, default=4096, help="batch size of the torch tasks")
     parser.add_argument("--torch-threads", type=int, default=1, help="torch CPU threads for the torch tasks")
-    parser.add_argument("--quick", action="store_true", help="short runs: 50 steps, 1 repeat, 1024 torch envs")
+    parser.add_argument("--quick", action="store_true", help="short runs: 4000 steps, 1 repeat, 1024 torch envs")
     parser.add_argument("--sg", action="store_true", help="only the native vs Safety-Gymnasium worker table")
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.repeats, args.torch_envs = 50, 1, 1024
+        args.steps, args.repeats, args.torch_envs = 4000, 1, 1024
     threads = sorted({default_threads() if t == "auto" else int(t) for t in args.threads})
+    layouts = [tuple(int(x) for x in lay.split("x")) for lay in args.layouts]
+    torch.set_num_threads(1)
 
-    print(f"MuJoCo {mujoco.__version__}, torch {torch.__version__}, usable CPUs {default_threads()}, "
-          f"steps {args.steps} x best of {args.repeats}")
+    print(f"MuJoCo {mujoco.__version__}, torch {torch.__version__} (1 thread), usable CPUs {default_threads()}, "
+          f"load average {os.getloadavg()[0]:.1f}; >= {args.steps} env-steps per run, best of {args.repeats}")
     if args.sg:
         print_sg_table(args)
         return
-    print(f"{'scenario':<18} {'envs':>5} {'thr':>4} {'batched/s':>11} {'raw mj_step/s':>14} {'ratio':>6} "
-          f"{'reset ms':>9} {'make_env ms':>12}")
+    print("env-steps/s (1 thread: per CPU second; more: per wall second); batched = collect_tasks incl. the policy")
+    print(f"{'scenario':<18} {'tasks x N':>9} {'thr':>4} {'batched/s':>10} {'raw/s':>9} {'rollout/s':>10} "
+          f"{'per-task/s':>10} {'gym/s':>8} {'/raw':>5} {'/rollout':>8} {'/per-task':>9} {'/gym':>5} "
+          f"{'reset ms':>9} {'make ms':>8}")
     for name in [s for s in args.scenarios if s in MUJOCO]:
-        for n in args.envs:
+        for tasks, copies in layouts:
             for th in threads:
-                r = bench_mujoco(name, n, th, args.steps, args.repeats)
-                print(f"{name:<18} {n:>5} {r['threads']:>4} {r['batched']:>11.0f} {r['raw']:>14.0f} "
-                      f"{r['batched'] / r['raw']:>6.2f} {r['reset_ms']:>9.2f} {r['make_ms']:>12.1f}", flush=True)
+                r = bench_mujoco(name, tasks, copies, th, args.steps, args.repeats, not args.no_gym)
+                b = r["batched"]
+                print(f"{name:<18} {f'{tasks}x{copies}':>9} {r['threads']:>4} {b:>10.0f} {r['raw']:>9.0f} "
+                      f"{r['rollout']:>10.0f} {r['per_task']:>10.0f} {r['gym']:>8.0f} {b / r['raw']:>5.2f} "
+                      f"{b / r['rollout']:>8.2f} {b / r['per_task']:>9.2f} {b / r['gym']:>5.2f} "
+                      f"{r['reset_ms']:>9.2f} {r['make_ms']:>8.1f}", flush=True)
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     names = [s for s in args.scenarios if s in TORCH]
@@ -204,8 +324,8 @@ def print_sg_table(args: argparse.Namespace) -> None:
     print(f"{'scenario':<18} {'envs':>5} {'native/s':>9} {'SG shm/s':>9} {'SG pipe/s':>10} {'SG/native':>9} "
           f"{'reset ms native / SG':>21} {'make_env ms native / SG':>24} {'empty step us shm / pipe':>25}")
     for name in [s for s in args.scenarios if s in SG_NATIVE]:
-        for n in args.envs:
-            r = bench_sg(name, n, args.steps, args.repeats)
+        for n in sorted({int(lay.split("x")[1]) for lay in args.layouts if lay.startswith("1x")}):
+            r = bench_sg(name, n, max(args.steps // n, 50), args.repeats)
             print(f"{name:<18} {n:>5} {r['native_rate']:>9.0f} {r['shm_rate']:>9.0f} {r['pipe_rate']:>10.0f} "
                   f"{r['shm_rate'] / r['native_rate']:>9.3f} {r['native_reset_ms']:>10.2f} / {r['shm_reset_ms']:>8.1f} "
                   f"{r['native_make_ms']:>12.1f} / {r['shm_make_ms']:>9.1f} "
