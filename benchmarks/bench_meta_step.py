@@ -168,7 +168,9 @@ def measure(name: str, rollouts: int, horizon: int, tasks: int, repeats: int, su
     # MAML + penalty's outer step (baseline (a)) on the same batches: inner = the meta batch,
     # outer = the adapted batch, second-order meta-gradient, re-adapting at each line-search candidate
     pg = settings(SampledPGPenaltySettings)
-    adapted_batches = [recorder._fresh(derived_seed(s, 1)) for s in _task_seeds(start_state, tasks)]
+    adapted_seeds = [derived_seed(s, 1) for s in _task_seeds(start_state, tasks)]   # a violating task has none:
+    adapted_batches = [recorder._fresh(s) if s in recorder.store else b      # its meta batch is the outer one
+                       for s, b in zip(adapted_seeds, meta_batches)]
 
     def maml_entries():
         out = []
