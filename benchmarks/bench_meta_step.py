@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from safemeta.adaptation.dual_pgd import SampledAdaptationSettings, adapt_sampled
+from safemeta.adaptation.dual_pgd_sampled import SampledAdaptationSettings, adapt_sampled
 from safemeta.config import check_block, settings
 from safemeta.meta.safe_meta import SampledMetaTrainSettings, _trpo_meta_step, meta_gradient_surrogate
 from safemeta.rollout import SamplingSettings, time_baseline

@@ -115,10 +115,120 @@ def test_stale_checkpoint_of_another_config_is_ignored(workdir, capsys):
                                 without_timing(read_dataset(ref / "mt" / "trace.nc")))
 
 
-@pytest.mark.parametrize("command", ["tasks", "meta-train", "meta-test"])
+@pytest.mark.parametrize("command", ["tasks", "meta-train", "meta-test", "single-task"])
 def test_every_command_has_help(command):
     out = subprocess.run([sys.executable, "-m", "safemeta.cli", command, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--config" in out.stdout and "--seed" in out.stdout
+
+
+def test_top_level_help_lists_every_stage():
+    out = subprocess.run([sys.executable, "-m", "safemeta.cli", "--help"], capture_output=True, text=True)
+    for command in ("tasks", "meta-train", "meta-test", "single-task", "aggregate", "plot"):
+        assert command in out.stdout
+
+
+def _with(config: dict, **sections) -> dict:
+    config = json.loads(json.dumps(config))
+    config.update(sections)
+    return config
+
+
+def test_single_task_trains_from_a_fresh_policy_on_the_first_test_tasks(workdir):
+    config = _with(CONFIG, learners={"scratch": {"algorithm": "dual_pgd", "iterations": 3, "n_tasks": 2}})
+    (workdir / "c.yaml").write_text(yaml.safe_dump(config))
+    base = ["--config", str(workdir / "c.yaml"), "--scenario", "rand", "--seed", "0"]
+    assert run("tasks", *base, "--out", str(workdir / "t.json")) == 0
+    assert run("single-task", *base, "--learner", "scratch", "--tasks", str(workdir / "t.json"),
+               "--out", str(workdir / "s.nc")) == 0
+    trace = read_dataset(workdir / "s.nc")
+    assert dict(trace.sizes) == {"task": 2, "step": 4, "constraint": 1}
+    assert trace.attrs["stage"] == "single_task" and trace.attrs["learner"] == "scratch"
+    uniform = trace.reward.isel(step=0).values          # the fresh exact policy is the uniform softmax
+    tasks = json.loads((workdir / "t.json").read_text())["test"][:2]
+    from safemeta.tasks import Task, get_distribution
+    from safemeta.tasks.tabular import evaluate
+    dist = get_distribution("tabular_random", num_states=6)
+    expected = [evaluate(dist.cmdp(Task.from_json(t)), np.full((6, 3), 1 / 3)).J for t in tasks]
+    np.testing.assert_allclose(uniform, expected, rtol=1e-12)
+    assert np.isfinite(trace.u.isel(step=slice(1, None))).all()
+
+
+def test_meta_test_adapter_and_method_overrides_of_the_operator(workdir):
+    """metatest.adapter names the meta-test's operator; a method's `adaptation` overrides (the
+    delta sweep of Fig. 6) change meta-training only, over the same tasks."""
+    config = _with(CONFIG, methods={"safemeta": {"meta_gradient": "eq6"},
+                                    "wide": {"algorithm": "safemeta", "meta_gradient": "eq6",
+                                             "adaptation": {"delta": 0.5}}})
+    config["scenarios"]["rand"]["adaptation"]["dual_pgd"].update(lam=0.3, lam_c=0.3)   # constraints bind
+    (workdir / "c.yaml").write_text(yaml.safe_dump(config))
+    base = ["--config", str(workdir / "c.yaml"), "--scenario", "rand", "--seed", "0"]
+    assert run("tasks", *base, "--out", str(workdir / "t.json")) == 0
+    for method in ("safemeta", "wide"):
+        assert run("meta-train", *base, "--method", method, "--tasks", str(workdir / "t.json"), "--out-dir",
+                   str(workdir / method), "--quiet") == 0
+        assert run("meta-test", *base, "--method", method, "--tasks", str(workdir / "t.json"), "--policy",
+                   str(workdir / method / "policy.pt"), "--out", str(workdir / f"{method}.nc")) == 0
+    narrow, wide = (read_dataset(workdir / method / "trace.nc") for method in ("safemeta", "wide"))
+    assert json.loads(wide.attrs["config"])["methods"]["wide"]["adaptation"] == {"delta": 0.5}
+    np.testing.assert_array_equal(narrow.limit, wide.limit)                                  # one set of tasks
+    # meta-training adapts with the method's delta: the looser constraint needs smaller multipliers
+    assert float(narrow.u.max()) > 0 and (wide.u.values <= narrow.u.values + 1e-12).all()
+    assert float(wide.u.max()) < float(narrow.u.max())
+    test = read_dataset(workdir / "wide.nc")
+    assert test.attrs["adapter"] == "dual_pgd"
+    policy = torch.load(workdir / "wide" / "policy.pt", weights_only=False)["logits"].numpy()
+    from safemeta.tasks import Task, get_distribution
+    from conftest import exact_sequence
+    task = Task.from_json(json.loads((workdir / "t.json").read_text())["test"][0])
+    # the meta-test runs with metatest.delta = 0, not the method's 0.5
+    seq = exact_sequence(get_distribution("tabular_random", num_states=6).cmdp(task), policy, 5, lam=0.3, lam_c=0.3,
+                         delta=0.0)
+    np.testing.assert_allclose(test.cost.isel(task=0).values, seq.cost, rtol=1e-12)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["scenarios"]["rand"]["adaptation"]["dual_pgd"].update(kl_target=0.03),
+     "config key 'scenarios.rand.adaptation.dual_pgd.kl_target': not read by operator dual_pgd on exact scenarios"),
+    (lambda c: c["scenarios"]["rand"].update(metatrain={"eval_every": 2}),
+     "config key 'scenarios.rand.metatrain.eval_every': not read by safemeta on exact scenarios"),
+    (lambda c: c["methods"]["safemeta"].update(adaptation={"fit_steps": 2}),
+     "config key 'methods.safemeta.adaptation.fit_steps': not read by operator dual_pgd on exact scenarios"),
+    (lambda c: c["methods"]["safemeta"].update(meta_gradient="hessian"), "config key 'methods.safemeta.meta_gradient'"),
+    (lambda c: c["methods"]["safemeta"].update(algorithm="nope"), "config key 'methods.safemeta': unknown"),
+    (lambda c: c["methods"]["safemeta"].update(scenarios=["elsewhere"]), "config key 'methods.safemeta.scenarios'"),
+    (lambda c: c["metatest"].update(adapter="nope"), "config key 'metatest.adapter': unknown adaptation operator"),
+    (lambda c: c["scenarios"]["rand"].update(adaptation={"lam": 1.0}),
+     "config key 'scenarios.rand.adaptation.lam': unknown adaptation operator"),
+    (lambda c: c["scenarios"]["rand"].update(methods={"other": {}}), "config key 'scenarios.rand.methods.other'"),
+])
+def test_options_an_algorithm_does_not_read_are_rejected_naming_the_key(edit, message):
+    from safemeta.config import ConfigError, load_config
+
+    config = json.loads(json.dumps(CONFIG))
+    edit(config)
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_sampled_scenarios_refuse_the_exact_only_meta_gradients():
+    from safemeta.config import ConfigError, load_config
+
+    config = {"scenarios": {"p": {"distribution": "point_circle_diff", "task_options": {"horizon": 10}}},
+              "methods": {"safemeta": {"meta_gradient": "eq6"}}}
+    with pytest.raises(ConfigError, match="config key 'methods.safemeta.meta_gradient': meta_gradient 'eq6' is not "
+                                          "available on sampled scenarios"):
+        load_config(config)
+    config["methods"]["safemeta"]["meta_gradient"] = "first_order"
+    config["scenarios"]["p"]["adaptation"] = {"dual_pgd": {"lam": 2.0}}
+    with pytest.raises(ConfigError, match="config key 'scenarios.p.adaptation.dual_pgd.lam': has no effect here: "
+                                          "kl_target is set"):
+        load_config(config)
+    config["scenarios"]["p"]["adaptation"]["dual_pgd"]["kl_target"] = None   # lam as given (the paper's Table 2)
+    load_config(config)
+    config["scenarios"]["t"] = {"distribution": "tabular_random", "methods": {"safemeta": {"meta_gradient": "eq6"}}}
+    config["methods"]["safemeta"]["meta_gradient"] = "first_order"
+    load_config(config)   # per-scenario override: eq6 where it is exact, line 7 elsewhere
 
 
 @pytest.mark.parametrize("change,message", [

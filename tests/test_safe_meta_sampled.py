@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import scenario_of
-from safemeta.adaptation.dual_pgd import SampledAdaptationSettings, SampledDualPGD
+from safemeta.adaptation.dual_pgd_sampled import SampledAdaptationSettings, SampledDualPGD
 from safemeta.config import settings
 from safemeta.evaluate import meta_test
 from safemeta.meta.base import train as run_training

@@ -22,18 +22,10 @@ from .adaptation import OPERATORS
 from .config import ConfigError, block_defaults, check_block, effective, select, settings
 from .learners import LEARNERS
 from .meta import META_LEARNERS
-from .registry import Registry, kind_of
+from .registry import OptionError, Registry, kind_of
 
 SECTIONS: dict[str, tuple[Registry, str]] = {"methods": (META_LEARNERS, "method"), "learners": (LEARNERS, "learner")}
 STAGE_SECTION = {"meta_train": "methods", "meta_test": "methods", "single_task": "learners"}
-
-
-class OptionError(ValueError):
-    """An option value an implementation cannot use: `option` is its key, the message says why."""
-
-    def __init__(self, option: str, message: str) -> None:
-        super().__init__(message)
-        self.option = option
 
 
 def _fields(cls: type) -> set[str]:
@@ -127,7 +119,10 @@ def stage_part(config: dict[str, Any], stage: str, scenario: str, label: str) ->
     cls = algorithm_class(config, section, scenario, label)
     name = stage_operator(config, stage, scenario, label)
     op_cls = operator_class(config, name, scenario, kind_of(cls, _distribution_kinds(config, scenario)), "metatest.adapter")
-    reads, op_reads = _fields(cls), _fields(op_cls)
+    _, algo_settings = algorithm_settings(config, section, scenario, label)
+    _, op_settings = operator_settings(config, stage, scenario, label)
+    reads = _fields(cls) - set(cls.ignored(algo_settings))
+    op_reads = _fields(op_cls) - set(op_cls.ignored(op_settings))
 
     def only_read(entry: dict[str, Any]) -> dict[str, Any]:
         out = {k: v for k, v in entry.items() if k in reads or k == "algorithm"}   # not `scenarios`: no result depends on it
@@ -240,16 +235,17 @@ def _check_pair(raw: dict[str, Any], resolved: dict[str, Any], section: str, sce
     kinds = _distribution_kinds(resolved, scenario)
     kind = kind_of(cls, kinds)
     what = f"{select(resolved, section, label)['algorithm']} on {kind} scenarios"
-    reads = _fields(cls)
+    ignored = cls.ignored(algo_settings)
+    reads = _fields(cls) - set(ignored)
     given = {f"{section}.{label}.{k}": k for k in _given(raw, section, label)
              if k not in ("algorithm", "adaptation", "scenarios")}
     if section == "methods":
         given.update({f"scenarios.{scenario}.methods.{label}.{k}": k
                       for k in _given(raw, "scenarios", scenario, "methods", label) if k != "adaptation"})
     given.update({f"scenarios.{scenario}.metatrain.{k}": k for k in _given(raw, "scenarios", scenario, "metatrain")})
-    _refuse_unread(given, reads, what, scenario)
+    _refuse_unread(given, reads, what, scenario, ignored)
     try:
-        cls.check_options(algo_settings)
+        cls.check_options(algo_settings, frozenset(given.values()))
     except OptionError as exc:
         key = next((k for k, v in reversed(given.items()) if v == exc.option), f"{section}.{label}.{exc.option}")
         raise ConfigError(f"config key '{key}': {exc} (scenario {scenario})") from None
@@ -264,10 +260,12 @@ def _check_pair(raw: dict[str, Any], resolved: dict[str, Any], section: str, sce
             op_given.update({f"{section}.{label}.adaptation.{k}": k for k in _given(raw, section, label, "adaptation")})
             op_given.update({f"scenarios.{scenario}.methods.{label}.adaptation.{k}": k
                              for k in _given(raw, "scenarios", scenario, "methods", label, "adaptation")})
-        _refuse_unread(op_given, _fields(op_cls), f"operator {name} on {kind} scenarios", scenario)
         _, op_settings = operator_settings(resolved, stage, scenario, label)
+        op_ignored = op_cls.ignored(op_settings)
+        _refuse_unread(op_given, _fields(op_cls) - set(op_ignored), f"operator {name} on {kind} scenarios", scenario,
+                       op_ignored)
         try:
-            op_cls.check_options(op_settings)
+            op_cls.check_options(op_settings, frozenset(op_given.values()))
         except OptionError as exc:
             key = next((k for k, v in reversed(op_given.items()) if v == exc.option), f"adaptation.{name}.{exc.option}")
             raise ConfigError(f"config key '{key}': {exc} (scenario {scenario})") from None
@@ -276,8 +274,11 @@ def _check_pair(raw: dict[str, Any], resolved: dict[str, Any], section: str, sce
             raise ConfigError(f"config key 'metatest.delta': operator {name} has no delta (scenario {scenario})")
 
 
-def _refuse_unread(given: dict[str, str], reads: set[str], what: str, scenario: str) -> None:
+def _refuse_unread(given: dict[str, str], reads: set[str], what: str, scenario: str,
+                   ignored: dict[str, str] | None = None) -> None:
     for key, option in given.items():
+        if option in (ignored or {}):
+            raise ConfigError(f"config key '{key}': has no effect here: {ignored[option]} (scenario {scenario})")
         if option not in reads:
             raise ConfigError(f"config key '{key}': not read by {what} (scenario {scenario}); "
                               f"it reads {', '.join(sorted(reads))}")

@@ -16,6 +16,15 @@ from typing import Any
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
+class OptionError(ValueError):
+    """An option value an implementation cannot use (raised by `check_options`): `option` is its
+    key, the message says why; the config check reports it with the key's full path."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(message)
+        self.option = option
+
+
 class Registry:
     """Names of one plugin kind and the classes implementing them (imported on demand)."""
 

@@ -6,5 +6,5 @@ one per scenario kind; see `base.py` for the protocol and README "Adding a metho
 from ..registry import Registry
 
 OPERATORS = Registry(__name__, "adaptation operator", {
-    "dual_pgd": ("dual_pgd:ExactDualPGD", "dual_pgd:SampledDualPGD"),   # the paper's A^s (Alg. 1 / Alg. 3)
+    "dual_pgd": ("dual_pgd:ExactDualPGD", "dual_pgd_sampled:SampledDualPGD"),   # the paper's A^s (Alg. 1 / Alg. 3)
 })

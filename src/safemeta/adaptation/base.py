@@ -31,8 +31,8 @@ What an implementer provides (subclass `AdaptationOperator`):
   cost_se, time_sampling (per policy) and u, kl, time (per step);
 - `observe` and `step` (and `start` when it keeps per-task state). Every random draw comes from
   the seeds given, so a sequence is reproducible bit for bit.
-- optionally `check_options(settings)` (a classmethod) raising ValueError for values that are
-  valid in the schema but not for this kind (the message names the option).
+- optionally `check_options(settings)` (a classmethod) raising `registry.OptionError(option,
+  why)` for values that are valid in the schema but not for this kind.
 """
 from __future__ import annotations
 
@@ -84,8 +84,15 @@ class AdaptationOperator:
         self.scenario, self.settings = scenario, settings
 
     @classmethod
-    def check_options(cls, settings: Any) -> None:
-        """Raise ValueError naming an option whose value this implementation cannot use."""
+    def check_options(cls, settings: Any, given: frozenset[str] = frozenset()) -> None:
+        """Raise registry.OptionError(option, why) for a value this implementation cannot use;
+        `given` names the options the config sets explicitly (the others are defaults)."""
+
+    @classmethod
+    def ignored(cls, settings: Any) -> dict[str, str]:
+        """Options without effect under the others' values (option -> why): setting one is an
+        error, and stage configs leave them out."""
+        return {}
 
     def start(self, task: "Task", policy: Any, seed: int) -> Any:
         """Per-sequence state for adapting `policy` on `task` (a buffer, critics, ...)."""

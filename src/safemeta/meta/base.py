@@ -14,7 +14,8 @@ What an implementer provides (subclass `MetaLearner`):
 - `Settings`: a frozen dataclass WITHOUT defaults whose fields are the options it reads: its own
   options (schema block `method_<name>`) and the `metatrain` keys it uses; `config.settings`
   fills it from the validated config. An option set in the config that the class does not read
-  is rejected, naming the key; `check_options(settings)` may reject values for this kind;
+  is rejected, naming the key; `check_options(settings)` may reject values for this kind
+  (`registry.OptionError`);
 - `State`: a dataclass with at least `iteration` (the next iteration to run) and `records`
   (one dict per iteration), holding only tensors, arrays and plain values (checkpointed with
   `torch.save(vars(state))`);
@@ -46,6 +47,8 @@ EVALUATION_VARS: dict[str, Var] = {
     "cost": Var(("task", "constraint"), "cost of the one-step adapted policy A^s(pi_phi)", "cost"),
     "meta_reward": Var(("task",), "reward of the meta-policy pi_phi", "return"),
     "meta_cost": Var(("task", "constraint"), "cost of the meta-policy pi_phi", "cost"),
+    "cost_se": Var(("task", "constraint"), "standard error of cost (0: exact)", "cost"),
+    "meta_cost_se": Var(("task", "constraint"), "standard error of meta_cost (0: exact)", "cost"),
     "u": Var(("task", "constraint"), "multipliers of the one-step adaptation", "1"),
     "adapt_kl": Var(("task",), "E_nu KL(A^s(pi_phi) || pi_phi) of the one-step adaptation", "nats"),
 }
@@ -79,8 +82,15 @@ class MetaLearner:
         self.train_tasks, self.evaluation, self.seed = train, evaluation, int(seed)
 
     @classmethod
-    def check_options(cls, settings: Any) -> None:
-        """Raise ValueError naming an option whose value this implementation cannot use."""
+    def check_options(cls, settings: Any, given: frozenset[str] = frozenset()) -> None:
+        """Raise registry.OptionError(option, why) for a value this implementation cannot use;
+        `given` names the options the config sets explicitly (the others are defaults)."""
+
+    @classmethod
+    def ignored(cls, settings: Any) -> dict[str, str]:
+        """Options without effect under the others' values (option -> why): setting one is an
+        error, and stage configs leave them out."""
+        return {}
 
     @classmethod
     def trace_vars(cls, operator: type["AdaptationOperator"]) -> dict[str, Var]:
@@ -125,6 +135,8 @@ def evaluate_one_step(operator: "AdaptationOperator", tasks: list["Task"], polic
         out["meta_cost"].append(seq["cost"][0])
         out["reward"].append(seq["reward"][1])
         out["cost"].append(seq["cost"][1])
+        out["meta_cost_se"].append(seq["cost_se"][0])
+        out["cost_se"].append(seq["cost_se"][1])
         out["u"].append(seq["u"][1])
         out["adapt_kl"].append(seq["kl"][1])
         for name in operator.step_vars:

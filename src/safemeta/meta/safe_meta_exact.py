@@ -33,6 +33,11 @@ With one task per iteration both are Alg. 2 exactly. One TRPO step (line 8/12) f
 visitation distributions, the mean KL over the batch as the trust region, and the exact batch
 objective (mean of J_tau(A^s(pi_phi)) for the first kind of task and -J_{c_i,tau}(pi_phi) for
 the second) for the line search's improvement check.
+
+`constrain_adapted` (beyond the paper): a task whose one-step adapted policy violates d + delta
+takes, in place of its meta-gradient, a step that lowers that policy's cost J_ci(A^s(pi_phi))
+(the meta-gradient of the cost, of the same kind), so problem (2) also constrains the adapted
+policy. `meta_gradient` kinds apply to it as to the reward.
 """
 from __future__ import annotations
 
@@ -61,8 +66,9 @@ class MetaGradient:
 
 
 def meta_gradient(cmdp: TabularCMDP, logits: np.ndarray, adaptation: ExactAdaptationSettings,
-                  kind: str = "eq6") -> MetaGradient:
-    """Meta-gradient of J_tau(A^s(pi_phi)) w.r.t. the logits phi, of the given kind (module doc)."""
+                  kind: str = "eq6", signal: int = 0) -> MetaGradient:
+    """Meta-gradient of J_tau(A^s(pi_phi)) w.r.t. the logits phi, of the given kind (module doc);
+    `signal` i > 0: of the adapted policy's cost J_c(i-1) instead of its reward."""
     if kind not in META_GRADIENTS:
         raise ValueError(f"meta_gradient must be one of {META_GRADIENTS}, got {kind!r}")
     res = adaptation.adapt(cmdp, logits)
@@ -74,14 +80,16 @@ def meta_gradient(cmdp: TabularCMDP, logits: np.ndarray, adaptation: ExactAdapta
     if kind == "first_order":  # Alg. 4 line 7 with exact nu^tau, pi^tau, A^tau
         log_pu = torch.from_numpy(res.logits)
         ev_tau = evaluate_torch(cmdp, log_pu.exp())
-        surrogate = (ev_tau.nu[:, None] * log_pu.exp() * ev_tau.A * log_pi).sum() / (1.0 - gamma)
+        A_tau, J_tau = (ev_tau.A, ev_tau.J) if signal == 0 else (ev_tau.Ac[signal - 1], ev_tau.Jc[signal - 1])
+        surrogate = (ev_tau.nu[:, None] * log_pu.exp() * A_tau * log_pi).sum() / (1.0 - gamma)
         grad = torch.autograd.grad(surrogate, phi)[0]
-        return MetaGradient(float(ev_tau.J), grad.numpy(), res)
+        return MetaGradient(float(J_tau), grad.numpy(), res)
 
     ev = evaluate_torch(cmdp, log_pi.exp())
     u = torch.tensor(res.u, dtype=torch.float64, requires_grad=(kind == "full"))
     log_pu = adapted_logits(log_pi, ev.A, ev.Ac, u, adaptation.lam, lam_c, gamma)  # eq. (3)
-    J = evaluate_torch(cmdp, log_pu.exp()).J
+    adapted_eval = evaluate_torch(cmdp, log_pu.exp())
+    J = adapted_eval.J if signal == 0 else adapted_eval.Jc[signal - 1]
     if kind == "eq6" or not (res.u > 0).any():
         grad = torch.autograd.grad(J, phi)[0]
         return MetaGradient(float(J.detach()), grad.numpy(), res)
@@ -133,6 +141,7 @@ class MetaTrainSettings:
     sections: ClassVar[tuple[str, ...]] = ("metatrain",)
 
     meta_gradient: str
+    constrain_adapted: bool
     iterations: int
     tasks_per_iteration: int
     switch: str
@@ -205,14 +214,21 @@ class ExactSafeMeta(MetaLearner):
             violation = ev.Jc - cmdp.d - as_vector(adaptation.delta, cmdp.num_constraints, "delta")
             if (violation <= 0).all():                                     # line 4
                 g = meta_gradient(cmdp, logits, adaptation, settings.meta_gradient)
-                grads.append(g.grad)                                       # line 7
-                branches.append(("meta", k, -1))
+                overshoot = evaluate(cmdp, np.exp(g.adapt.logits)).Jc - cmdp.d - as_vector(adaptation.delta,
+                                                                                           cmdp.num_constraints, "delta")
+                if settings.constrain_adapted and (overshoot > 0).any():  # lower J_c(A^s(pi_phi)) instead
+                    i = int(np.argmax(overshoot))
+                    grads.append(-meta_gradient(cmdp, logits, adaptation, settings.meta_gradient, signal=i + 1).grad)
+                    branches.append(("adapted_cost", k, i))
+                else:
+                    grads.append(g.grad)                                   # line 7
+                    branches.append(("meta", k, -1))
             else:
                 i = int(np.argmax(violation))                              # line 10
                 grads.append(-cost_gradient(cmdp, logits, i)[1])           # line 11 (descent on J_ci)
                 branches.append(("cost", k, i))
-        if settings.switch == "any" and any(b[0] == "cost" for b in branches):
-            keep = [j for j, b in enumerate(branches) if b[0] == "cost"]
+        if settings.switch == "any" and any(b[0] != "meta" for b in branches):
+            keep = [j for j, b in enumerate(branches) if b[0] != "meta"]
             grads, branches, nus = [grads[j] for j in keep], [branches[j] for j in keep], [nus[j] for j in keep]
         grad = np.mean(grads, axis=0)
         if not np.isfinite(grad).all():
@@ -225,6 +241,9 @@ class ExactSafeMeta(MetaLearner):
                 if branch == "meta":
                     res = adaptation.adapt(train[k], new)
                     values.append(evaluate(train[k], np.exp(res.logits)).J)
+                elif branch == "adapted_cost":
+                    res = adaptation.adapt(train[k], new)
+                    values.append(-evaluate(train[k], np.exp(res.logits)).Jc[i])
                 else:
                     values.append(-evaluate(train[k], np.exp(new - np.logaddexp.reduce(new, -1, keepdims=True))).Jc[i])
             return float(np.mean(values))
@@ -235,7 +254,7 @@ class ExactSafeMeta(MetaLearner):
                          lambda flat: mean_kl(probs, weights, flat.reshape(logits.shape).numpy()),
                          settings.max_kl, cg_iters=settings.cg_iters, damping=settings.cg_damping,
                          backtrack_steps=settings.backtrack_steps)                  # lines 8 / 12
-        record.update(n_violating=sum(b[0] == "cost" for b in branches), step_accepted=step.accepted,
+        record.update(n_violating=sum(b[0] != "meta" for b in branches), step_accepted=step.accepted,
                       step_kl=step.kl, step_improvement=step.improvement, grad_norm=float(np.linalg.norm(grad)),
                       time_compute=time.perf_counter() - t0)
         state.records.append(record)
