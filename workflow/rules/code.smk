@@ -6,7 +6,10 @@
 # they change results too and the between-workflow cache sees only params, inputs and commands.
 from safemeta.stages import dependency_versions
 
-SOFTWARE = dependency_versions(Path(workflow.basedir) / "pyproject.toml")
+try:
+    SOFTWARE = dependency_versions(Path(workflow.basedir) / "pyproject.toml")
+except ValueError as exc:
+    sys.exit(f"safemeta: {exc}")
 
 
 def stage_code_hash(stage, wildcards=None):
