@@ -342,7 +342,7 @@ def test_second_workflow_takes_a_shared_meta_train_from_the_cache(tmp_path):
     """Two working directories, one SNAKEMAKE_OUTPUT_CACHE: the second config shares scenario
     `rand`, method and seed 0 with the first, so sample_tasks and meta_train come from the cache
     (symlinks, no log), while its own meta-test setting reruns meta_test; another method option
-    misses the cache for meta_train."""
+    misses the cache for meta_train, and another seed for sample_tasks."""
     cache = tmp_path / "cache"
     cache.mkdir()
     env = {"SNAKEMAKE_OUTPUT_CACHE": str(cache)}
@@ -363,8 +363,11 @@ def test_second_workflow_takes_a_shared_meta_train_from_the_cache(tmp_path):
         assert path.read_bytes() == (first / train / name).read_bytes()
     assert (second / "logs/meta_train/rand/safemeta/seed0.log").read_text() == ""  # created, never written
 
-    third_config = {**second_config, "methods": {"safemeta": {**TINY["methods"]["safemeta"], "meta_gradient": "full"}}}
+    third_config = {**second_config, "seeds": [0, 1],
+                    "methods": {"safemeta": {**TINY["methods"]["safemeta"], "meta_gradient": "full"}}}
     third = make_workdir(tmp_path / "third", third_config)
-    taken, stored = cache_use(smk(third, "--cache", "--cores", "2", f"{train}/trace.nc", env=env).out)
-    assert taken == {tasks} and stored == {f"{train}/policy.pt", f"{train}/trace.nc"}
+    other_seed = "results/tasks/rand/seed1.json"  # the same config part: only the seed tells them apart
+    taken, stored = cache_use(smk(third, "--cache", "--cores", "2", f"{train}/trace.nc", other_seed, env=env).out)
+    assert taken == {tasks} and stored == {f"{train}/policy.pt", f"{train}/trace.nc", other_seed}
+    assert (third / other_seed).read_bytes() != (third / tasks).read_bytes()
     assert "wrote results/metatrain/rand" in (third / "logs/meta_train/rand/safemeta/seed0.log").read_text()
