@@ -14,6 +14,10 @@ the full job extrapolated linearly (startup included once):
     meta_train ~ startup + iterations * iteration + (iterations // eval_every + 1) * evaluation
     meta_test  ~ startup + adapt_steps * step + evaluation of step 0
 
+`lived` is the mean episode length of the meta-policy over the horizon (1 where episodes never
+end early): where it is below 1 (hopper, humanoid fall), later policies live longer and the jobs
+grow up to 1/lived times the sampling share of these numbers.
+
     .venv/bin/python benchmarks/job_resources.py [--config F] [--scenarios a b ...] [--threads N]
 
 Times scale with the cores' speed; the wall/cpu column says how shared the machine was.
@@ -35,6 +39,7 @@ import yaml
 from safemeta.config import effective, validate_config
 from safemeta.plugins import runs_on
 from safemeta.results import read_dataset
+from safemeta.tasks import get_distribution
 
 
 def run(cmd: list[str]) -> tuple[float, float, float]:
@@ -82,7 +87,13 @@ def measure(raw: dict, scenario: str, iterations: int, steps: int, threads: int,
     step = test_scale * seconds(test, ("time", "time_sampling"), step=-1)
     test_start = test_scale * (test_wall - seconds(test, ("time", "time_sampling")))
     n_eval = train_cfg["iterations"] // train_cfg["eval_every"] + 1
-    return {"scenario": scenario, "method": method, "train_rss": train_rss, "test_rss": test_rss,
+    # Episodes that end early (a fallen hopper or humanoid) grow with training: the share of the
+    # horizon the early meta-policy lives is the factor by which sampling can still grow.
+    scen_full = full["scenarios"][scenario]
+    horizon = get_distribution(scen_full["distribution"], **scen_full["task_options"]).horizon
+    steps = float(test["env_steps"].isel(step=0).sum()) if "env_steps" in test else 0.0
+    lived = steps / (test.sizes["task"] * scen_full["rollouts"] * horizon) if steps else 1.0
+    return {"scenario": scenario, "method": method, "train_rss": train_rss, "test_rss": test_rss, "lived": lived,
             "iteration": iteration, "evaluation": evaluation, "step": step, "load": 1 / train_scale,
             "train_full_h": (train_start + train_cfg["iterations"] * iteration + n_eval * evaluation) / 3600,
             "test_full_h": (test_start + test_cfg["adapt_steps"] * step
@@ -101,13 +112,13 @@ def main() -> None:
     print(f"{args.config}, --threads {args.threads}; CPU-scaled seconds per meta-iteration, evaluation, "
           "meta-test step; peak RSS in MiB; full jobs extrapolated in hours; wall/CPU of the meta-train run")
     print(f"{'scenario':<20} {'iter s':>8} {'eval s':>8} {'step s':>8} {'train MiB':>9} {'test MiB':>8} "
-          f"{'train h':>8} {'test h':>7} {'wall/cpu':>8}")
+          f"{'train h':>8} {'test h':>7} {'lived':>6} {'wall/cpu':>8}")
     with tempfile.TemporaryDirectory() as tmp:
         for scenario in args.scenarios or list(raw["scenarios"]):
             r = measure(raw, scenario, args.iterations, args.steps, args.threads, Path(tmp))
             print(f"{r['scenario']:<20} {r['iteration']:8.2f} {r['evaluation']:8.2f} {r['step']:8.2f} "
                   f"{r['train_rss']:9.0f} {r['test_rss']:8.0f} {r['train_full_h']:8.2f} {r['test_full_h']:7.2f} "
-                  f"{r['load']:8.2f}",
+                  f"{r['lived']:6.2f} {r['load']:8.2f}",
                   flush=True)
 
 
