@@ -60,11 +60,16 @@ def algorithm_class(config: dict[str, Any], section: str, scenario: str, label: 
 
 
 def operator_class(config: dict[str, Any], name: str, scenario: str, kind: str, key: str) -> type:
+    """The operator's class for the algorithm's `kind`, else (a meta-test adapter) for another kind
+    of the scenario whose policies have the same form (tabular for exact, a network otherwise),
+    e.g. a differentiable operator adapting a meta-policy trained by a sampled method."""
     if name not in OPERATORS:
         raise ConfigError(f"config key '{key}': unknown adaptation operator {name!r} (known: {', '.join(OPERATORS.names())})")
-    for cls in OPERATORS.classes(name):
-        if kind in cls.kinds:
-            return cls
+    same_form = [k for k in _distribution_kinds(config, scenario) if k != kind and (k == "exact") == (kind == "exact")]
+    for candidate in (kind, *same_form):
+        for cls in OPERATORS.classes(name):
+            if candidate in cls.kinds:
+                return cls
     raise ConfigError(f"config key '{key}': adaptation operator {name!r} does not run on {kind} scenarios "
                       f"(scenario {scenario})")
 
@@ -133,6 +138,8 @@ def stage_part(config: dict[str, Any], stage: str, scenario: str, label: str) ->
     scen = select(config, "scenarios", scenario)
     dropped = {"meta_train": ("metatest",), "meta_test": ("metatrain",), "single_task": ("metatrain", "metatest")}[stage]
     part_scen = {k: v for k, v in scen.items() if k not in ("adaptation", "methods", *dropped)}
+    if "metatrain" in part_scen:   # the shared override: only the keys this method reads
+        part_scen["metatrain"] = {k: v for k, v in part_scen["metatrain"].items() if k in reads}
     operator_block = block_defaults(f"operator_{name}") | scen.get("adaptation", {}).get(name, {})
     part_scen["adaptation"] = {name: {k: v for k, v in operator_block.items() if k in op_reads}}
     if section == "methods" and label in scen.get("methods", {}):
@@ -219,6 +226,7 @@ def check_config(raw: dict[str, Any], resolved: dict[str, Any]) -> None:
         for section in SECTIONS:
             for label in runs_on(resolved, section, skey):
                 _check_pair(raw, resolved, section, skey, label)
+        _check_shared_metatrain(raw, resolved, skey)
 
 
 def _given(raw: dict[str, Any], *path: str) -> dict[str, Any]:
@@ -242,8 +250,10 @@ def _check_pair(raw: dict[str, Any], resolved: dict[str, Any], section: str, sce
     if section == "methods":
         given.update({f"scenarios.{scenario}.methods.{label}.{k}": k
                       for k in _given(raw, "scenarios", scenario, "methods", label) if k != "adaptation"})
-    given.update({f"scenarios.{scenario}.metatrain.{k}": k for k in _given(raw, "scenarios", scenario, "metatrain")})
     _refuse_unread(given, reads, what, scenario, ignored)
+    # a scenario's metatrain override is shared by its methods (checked in _check_shared_metatrain)
+    if section == "methods":
+        given.update({f"scenarios.{scenario}.metatrain.{k}": k for k in _given(raw, "scenarios", scenario, "metatrain")})
     try:
         cls.check_options(algo_settings, frozenset(given.values()))
     except OptionError as exc:
@@ -272,6 +282,15 @@ def _check_pair(raw: dict[str, Any], resolved: dict[str, Any], section: str, sce
         if stage == "meta_test" and "delta" not in _fields(op_cls) and _any_positive(
                 effective(resolved, "metatest", scenario)["delta"]):
             raise ConfigError(f"config key 'metatest.delta': operator {name} has no delta (scenario {scenario})")
+
+
+def _check_shared_metatrain(raw: dict[str, Any], resolved: dict[str, Any], scenario: str) -> None:
+    """Every key of `scenarios.S.metatrain` is read by at least one method that runs on S (the
+    override is shared: a key only some methods read, e.g. a TRPO radius, is not an error)."""
+    methods = runs_on(resolved, "methods", scenario)
+    reads = set().union(*(_fields(algorithm_class(resolved, "methods", scenario, m)) for m in methods))
+    given = {f"scenarios.{scenario}.metatrain.{k}": k for k in _given(raw, "scenarios", scenario, "metatrain")}
+    _refuse_unread(given, reads, f"any method on this scenario ({', '.join(methods) or 'none'})", scenario)
 
 
 def _refuse_unread(given: dict[str, str], reads: set[str], what: str, scenario: str,
