@@ -27,7 +27,10 @@ def test_stored_params_equal_computed_ones(tmp_path):
     stored = JobParams.load(PAPER, PACKAGE_DIR, tmp_path)
     assert len(list(tmp_path.glob("params-*.json"))) == 1
     assert stored.config == fresh.config and list(stored.config["scenarios"]) == list(PAPER["scenarios"])
-    assert stored._jobs == fresh._jobs and len(fresh._jobs) == 9 + 2 * 15 + 2  # tasks, method pairs, 2 rules
+    methods = sum(len(m.get("scenarios") or PAPER["scenarios"]) for m in PAPER["methods"].values())
+    learners = sum(len(m.get("scenarios") or PAPER["scenarios"]) for m in PAPER.get("learners", {}).values())
+    assert stored._jobs == fresh._jobs
+    assert len(fresh._jobs) == len(PAPER["scenarios"]) + 2 * methods + learners + 3  # + aggregate, plot, compare
     assert stored.stage_json("meta_test", "half_cheetah_vel", "safemeta_delta1") == \
         fresh.stage_json("meta_test", "half_cheetah_vel", "safemeta_delta1")
 

@@ -44,7 +44,8 @@ class JobParams:
     def compute(cls, raw: dict[str, Any], root: str | Path) -> "JobParams":
         """Validate `raw` (ConfigError naming the key) and compute every job's params."""
         from .config import validate_config
-        from .plugins import grid
+        from .plugins import STAGE_SECTION, grid
+        from .stages import ROOTS
 
         root = Path(root).resolve()
         params = cls(validate_config(raw), {}, root)
@@ -54,7 +55,7 @@ class JobParams:
             for scenario, label in grid(params.config, section):
                 for stage in stages:
                     params._jobs[_job(stage, scenario, label)] = params._compute(stage, scenario, label)
-        for stage in ("aggregate", "plot"):
+        for stage in ROOTS.keys() - {"tasks", *STAGE_SECTION}:  # the stages of the whole grid
             params._jobs[_job(stage, None, None)] = params._compute(stage, None, None)
         return params
 
