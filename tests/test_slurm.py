@@ -29,7 +29,7 @@ from test_workflow import REPO, TINY, make_workdir, smk
 
 CANCELLED = ("rand", "safemeta", 0)  # the meta_train job that is cancelled midway
 CONFIG = {**TINY, "scenarios": {**TINY["scenarios"],
-                                "rand": {**TINY["scenarios"]["rand"], "metatrain": {"iterations": 300}}}}
+                                "rand": {**TINY["scenarios"]["rand"], "metatrain": {"iterations": 100}}}}
 GPU_RULES = {"meta_train", "meta_test", "single_task"}
 
 
