@@ -36,6 +36,9 @@ GPU_RULES = {"meta_train", "meta_test", "single_task"}
 def _sbatch_refusal() -> str | None:
     """Why `sbatch` cannot run this module's jobs here, or None."""
     try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
+        if ping.returncode != 0:  # answers at once, where sbatch retries for about 20 s
+            return "no SLURM controller answers (scontrol ping); start one with tests/slurm/start-cluster.sh"
         res = subprocess.run(["sbatch", "--test-only", "--gpus=1", "--wrap", "true"], capture_output=True,
                              text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
