@@ -7,4 +7,5 @@ from ..registry import Registry
 
 OPERATORS = Registry(__name__, "adaptation operator", {
     "dual_pgd": ("dual_pgd:ExactDualPGD", "dual_pgd:SampledDualPGD"),   # the paper's A^s (Alg. 1 / Alg. 3)
+    "cpo": ("cpo:ExactCPO", "cpo:SampledCPO"),                          # CPO (Achiam et al. 2017), Meta-CPO's inner step
 })
