@@ -7,4 +7,5 @@ from ..registry import Registry
 
 META_LEARNERS = Registry(__name__, "meta-learning algorithm", {
     "safemeta": ("safe_meta_exact:ExactSafeMeta", "safe_meta:SampledSafeMeta"),   # the paper (Alg. 2 / Alg. 4)
+    "meta_cpo": ("meta_cpo:ExactMetaCPO", "meta_cpo:SampledMetaCPO"),            # Meta-CPO (Cho & Sun 2024)
 })
