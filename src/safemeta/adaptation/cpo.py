@@ -184,20 +184,24 @@ class _ImplicitSolve(torch.autograd.Function):
 
 # --------------------------------------------------------------------------- exact (tabular softmax)
 def softmax_fisher(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The Fisher of a tabular softmax in its logits, sum_s w(s) (diag pi_s - pi_s pi_s^T), dense [SA, SA],
-    plus the projector onto its null space (per-state constant shifts of the logits, which leave
-    the policy unchanged): positive definite when every w(s) > 0, and F^-1 v is unchanged for
-    every v orthogonal to that null space (every gradient of a softmax is)."""
-    S, A = probs.shape
+    """The Fisher of a tabular softmax in its logits, sum_s w(s) (diag pi_s - pi_s pi_s^T), dense [SA, SA]
+    (the Hessian of sum_s w(s) KL(pi_s || pi'_s) at pi' = pi). Its null space holds the per-state
+    constant shifts of the logits, which leave the policy unchanged; every gradient of a
+    function of the policy is orthogonal to it, so F^+ (`pinv_solve`) is the natural inverse."""
     blocks = weights[:, None, None] * (torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :])
-    blocks = blocks + torch.full((A, A), 1.0 / A, dtype=probs.dtype)
     return torch.block_diag(*blocks)
+
+
+def pinv_solve(F: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """v -> F^+ v for a symmetric positive semi-definite F (eigenvalues below 1e-12 of the largest dropped)."""
+    inverse = torch.linalg.pinv(F, rtol=1e-12, hermitian=True)
+    return lambda v: inverse @ v
 
 
 def exact_cpo_step(cmdp: TabularCMDP, logits: torch.Tensor, settings: "ExactCPOSettings", *,
                    fisher_derivative: bool = True) -> CPOStep:
     """One CPO step of a tabular softmax pi = softmax(logits [S, A]) with exact J, J_c, advantages,
-    visitation and Fisher. If `logits` requires grad, the new logits are in its graph (the
+    visitation and natural gradients. If `logits` requires grad, the new logits are in its graph (the
     backtracking fraction and the case are constants); `fisher_derivative=False` treats F as
     a constant there."""
     if cmdp.num_constraints != 1:
@@ -209,9 +213,15 @@ def exact_cpo_step(cmdp: TabularCMDP, logits: torch.Tensor, settings: "ExactCPOS
     g, b = (torch.autograd.grad(v, theta, create_graph=graph, retain_graph=True)[0].reshape(-1) for v in (ev.J, ev.Jc[0]))
     d = float(cmdp.d[0])
     c = ev.Jc[0] - d if graph else (ev.Jc[0] - d).detach()
-    F = softmax_fisher(probs, ev.nu)
-    F = F if graph and fisher_derivative else F.detach()
-    x_g, x_b = torch.linalg.solve(F, torch.stack([g, b], dim=1)).unbind(1)
+    # F^+ g and F^+ b in closed form: a tabular softmax's natural gradient is its advantage (Kakade
+    # 2002), g = nu pi A / (1 - gamma) = F A / (1 - gamma); exact for every theta, so its derivative
+    # includes that of F. With fisher_derivative False, F is held at theta: dx = F^+ dg.
+    x_g, x_b = (adv.reshape(-1) / (1.0 - cmdp.gamma) for adv in (ev.A, ev.Ac[0]))
+    if graph and not fisher_derivative:
+        solve = pinv_solve(softmax_fisher(probs.detach(), ev.nu.detach()))
+        x_g, x_b = (x.detach() + _ImplicitSolve.apply(v - v.detach(), solve) for x, v in ((x_g, g), (x_b, b)))
+    elif not graph:
+        x_g, x_b = x_g.detach(), x_b.detach()
     direction = cpo_direction(g, b, c, x_g, x_b, settings.max_kl)
 
     gamma = cmdp.gamma

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from ..adaptation.cpo import (RECOVERY, BatchSurrogates, CPOStep, cpo_direction, exact_cpo_step, line_search,
-                              sampled_cpo_step, softmax_fisher)
+                              pinv_solve, sampled_cpo_step, softmax_fisher)
 from ..optim import conjugate_gradient, fisher_vector_product
 from ..policies import NeuralPolicy, TabularSoftmaxPolicy, policy_from_checkpoint
 from ..records import Var
@@ -159,8 +159,8 @@ class ExactMetaCPO(MetaLearner):
         b = torch.from_numpy(np.mean([t.cost_grad for t in tasks], axis=0).reshape(-1))
         c = float(np.mean([t.cost for t in tasks]))
         weights = torch.from_numpy(np.mean([evaluate(m, probs.numpy()).nu for m in batch], axis=0))
-        F = softmax_fisher(probs, weights)                                                              # step 2
-        x_g, x_b = torch.linalg.solve(F, torch.stack([g, b], dim=1)).unbind(1)
+        solve = pinv_solve(softmax_fisher(probs, weights))                                              # step 2
+        x_g, x_b = solve(g), solve(b)
         direction = cpo_direction(g, b, c, x_g, x_b, settings.max_kl)
         base = float(np.mean([t.value for t in tasks]))
         log_pi = torch.log_softmax(torch.from_numpy(logits), dim=-1)
