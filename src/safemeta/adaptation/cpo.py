@@ -1,7 +1,7 @@
 """CPO (Achiam et al. 2017, "Constrained Policy Optimization"): one step, the inner step of Meta-CPO.
 
 One step from a policy pi_theta with one constraint (p = 1) solves the linearised problem of
-Achiam et al.'s eq. (10), written as a maximisation with g the ascent direction:
+Achiam et al. (section 6), written as a maximisation with g the ascent direction:
 
     max_x  g.x   s.t.  c + b.x <= 0   and   1/2 x^T F x <= max_kl
 
@@ -11,7 +11,7 @@ q = g.x_g, r = g.x_b, s = b.x_b, A = q - r^2/s (>= 0), B = 2 max_kl - c^2/s:
 
 - recovery (c > 0 and B < 0: no point of the trust region satisfies the linearised
   constraint): x = -sqrt(2 max_kl / s) x_b, the largest step that most decreases the
-  linearised cost (Achiam et al. eq. 14);
+  linearised cost (Achiam et al. section 6, feasibility);
 - otherwise the dual (Achiam et al. App. 10.2, Theorem 2, in this max convention),
       min_{lam > 0, nu >= 0}  (q - 2 nu r + nu^2 s) / (2 lam) + lam max_kl - nu c ,
   has nu*(lam) = max(0, (lam c + r) / s) and x = (x_g - nu x_b) / lam. The dual minimised over
@@ -32,7 +32,7 @@ The operator `cpo` takes this step with F by conjugate gradient on Fisher-vector
 (sampled) or exactly (tabular softmax, with exact advantages), then backtracks the step until
 the mean KL is within max_kl and the cost surrogate is within d (or does not increase when the
 policy already violates d), and, from a safe policy, the reward surrogate improves (Achiam et
-al. section 6.3 "we use a backtracking line search"; the acceptance rule is OmniSafe's). If no
+al. backtrack to satisfy the sample estimates; the acceptance rule is OmniSafe's). If no
 fraction is accepted the policy is unchanged. The same step, written with torch operations only
 and solved by `differentiable=True` in the graph of theta, is what Meta-CPO differentiates.
 """
@@ -85,7 +85,7 @@ def cpo_direction(g: torch.Tensor, b: torch.Tensor, c: torch.Tensor | float, x_g
             return Direction(zero, RECOVERY, math.nan, math.nan)   # infeasible, and no step reduces it
         return _reward_step(q, qf, x_g, two_delta)
     Bf = two_delta - cf * cf / sf
-    if cf > 0.0 and Bf < 0.0:                          # recovery (Achiam et al. eq. 14)
+    if cf > 0.0 and Bf < 0.0:                          # recovery
         return Direction(-torch.sqrt(two_delta / s) * x_b, RECOVERY, math.nan, math.nan)
     lam_b = math.sqrt(max(qf, 0.0) / two_delta)
     if (qf > 0.0 and lam_b * cf + rf <= 0.0) or (not qf > 0.0 and cf <= 0.0):
@@ -118,6 +118,8 @@ def cpo_solution(g: np.ndarray, b: np.ndarray, c: float, F: np.ndarray, max_kl: 
                          f"{F.shape}")
     if not max_kl > 0:
         raise ValueError(f"cpo_step: max_kl must be > 0, got {max_kl!r}")
+    if not np.allclose(F, F.T, rtol=1e-10, atol=1e-12 * np.abs(F).max()):
+        raise ValueError("cpo_step: F must be symmetric positive definite (it is not symmetric)")
     try:
         L = np.linalg.cholesky(F)
     except np.linalg.LinAlgError:
@@ -228,7 +230,7 @@ def exact_cpo_step(cmdp: TabularCMDP, logits: torch.Tensor, settings: "ExactCPOS
     nu, A_r, A_c, pi, J_c = (v.detach() for v in (ev.nu, ev.A, ev.Ac[0], probs, ev.Jc[0]))
     log_pi = torch.log_softmax(theta.detach(), dim=-1)
 
-    def trial(x: torch.Tensor) -> tuple[float, float, float]:  # exact surrogates of Achiam et al. eq. (10)
+    def trial(x: torch.Tensor) -> tuple[float, float, float]:  # the exact surrogates the step linearises
         log_new = torch.log_softmax(theta.detach() + x.reshape(theta.shape), dim=-1)
         new = log_new.exp()
         kl = float((nu * (pi * (log_pi - log_new)).sum(-1)).sum())
@@ -281,8 +283,8 @@ class BatchSurrogates:
 
     def kl(self, theta: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """E_nu KL(pi_theta || pi_new)."""
-        ref = self.policy.distribution(self.obs, self.policy.unflatten(theta))
-        return (self.nu * torch.distributions.kl_divergence(ref, self.policy.distribution(self.obs, self.policy.unflatten(new)))).sum()
+        ref, to = (self.policy.distribution(self.obs, self.policy.unflatten(v)) for v in (theta, new))
+        return (self.nu * torch.distributions.kl_divergence(ref, to)).sum()
 
     def _kl_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(eps, grad_eps E_nu KL(pi_theta || pi_{theta + eps}) at eps = 0, in the graph of theta)."""
