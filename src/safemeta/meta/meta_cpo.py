@@ -169,6 +169,8 @@ class ExactMetaCPO(MetaLearner):
             new = torch.from_numpy(logits) + x.reshape(logits.shape)
             log_new = torch.log_softmax(new, dim=-1)
             kl = float((weights * (probs * (log_pi - log_new)).sum(-1)).sum())
+            if kl > settings.max_kl:        # rejected whatever the values: skip the re-adaptations
+                return kl, math.nan, math.nan
             values = [adapted_values(m, new, inner_settings)[:2] for m in batch]
             return kl, float(np.mean([float(v) for v, _ in values])) - base, float(np.mean([float(v) for _, v in values]))
 
