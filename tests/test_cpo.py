@@ -65,9 +65,11 @@ def test_cpo_step_matches_scipy_in_every_case():
     assert min(seen.values()) >= 60, seen
 
 
-def test_cpo_step_rejects_a_matrix_that_is_not_positive_definite():
+def test_cpo_step_rejects_a_matrix_that_is_not_symmetric_positive_definite():
     with pytest.raises(ValueError, match="positive definite"):
         cpo_step(np.ones(2), np.ones(2), 0.0, np.diag([1.0, -1.0]), MAX_KL)
+    with pytest.raises(ValueError, match="not symmetric"):
+        cpo_step(np.ones(2), np.ones(2), 0.0, np.array([[1.0, 0.5], [0.0, 1.0]]), MAX_KL)
     with pytest.raises(ValueError, match="vectors"):
         cpo_step(np.ones(2), np.ones(3), 0.0, np.eye(2), MAX_KL)
 
