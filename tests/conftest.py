@@ -49,16 +49,35 @@ def single_torch_thread():
 
 # --------------------------------------------------------------------------- algorithms on hand-made tasks
 class OneCMDP:
-    """A task distribution whose every task is one given CMDP (for exact operators on test CMDPs)."""
+    """A task distribution whose every task is one given CMDP: exact, or sampled as a
+    TabularBatchEnv of `horizon` steps (the task's limits are its params' "d")."""
 
     name = "one_cmdp"
     kinds = ("exact", "sampled")
 
-    def __init__(self, cmdp: TabularCMDP) -> None:
-        self._cmdp = cmdp
+    def __init__(self, cmdp: TabularCMDP, horizon: int = 100) -> None:
+        self._cmdp, self.horizon = cmdp, horizon
 
     def cmdp(self, task):
         return self._cmdp
+
+    def make_env(self, task, num_envs: int, seed: int, device="cpu"):
+        from safemeta.tasks.tabular import TabularBatchEnv
+
+        return TabularBatchEnv(self._cmdp, num_envs, self.horizon, seed, device)
+
+
+def finite_horizon_values(cmdp: TabularCMDP, probs: np.ndarray, horizon: int, discount: float) -> np.ndarray:
+    """Exact E[sum_{t<horizon} discount^t x(s_t, a_t)] from rho for the reward (index 0) and each
+    cost (1..p), [1 + p]: what a TabularBatchEnv's rollouts estimate, by propagating the state law."""
+    state = cmdp.rho.copy()
+    P_pi = np.einsum("sa,sat->st", probs, cmdp.P)
+    x_pi = np.einsum("sa,ksa->ks", probs, cmdp.signals())
+    total = np.zeros(1 + cmdp.num_constraints)
+    for t in range(horizon):
+        total += discount ** t * (x_pi @ state)
+        state = state @ P_pi
+    return total
 
 
 def scenario_of(dist, rollouts: int = 10, gamma: float = 0.99, constraint_gamma: float = 1.0, device="cpu"):

@@ -111,3 +111,43 @@ def test_compute_times_are_medians_per_run(grid):
     # steps k = 1..4 take 0.01 k (scale 1) and 0.02 k (scale 2); k = 0 is left out
     np.testing.assert_allclose(times["meta-test (per adaptation step)"].sel(scenario="a", seed=0).values,
                                [0.025, 0.05])
+
+
+def test_single_task_curves_are_over_the_learners_tasks_against_cumulative_env_steps(grid, tmp_path):
+    """Learners ran on the first 2 of scenario a's 3 test tasks; the meta-test curves of
+    single_task.png are restricted to those tasks and placed at their cumulative sample counts."""
+    from safemeta.adaptation.cvpo import CVPO
+
+    paths = list(grid)
+    limits = np.arange(1, 4, dtype=float).reshape(3, 1)            # the grid's limits of scenario a
+    for seed in (0, 1):
+        for stage, label, n_task, n_step, variables in (("single_task", "cvpo", 2, 4, sequence_vars(CVPO)),
+                                                         ("meta_test", "m3", 3, 3, METATEST_VARS)):
+            sizes = {"step": n_step, "constraint": 1}
+            arrays = {name: np.zeros([n_task, *(sizes[d] for d in var.dims)]) for name, var in variables.items()}
+            if stage == "single_task":
+                arrays.update(reward=np.tile(10.0 * np.arange(n_step), (n_task, 1)), cost=np.full((n_task, n_step, 1), 3.0 + seed),
+                              env_steps=np.full((n_task, n_step), 100.0))
+            else:   # reward k + 100 task: the mean over tasks 0, 1 is k + 50 (over all three, k + 100)
+                arrays.update(reward=np.arange(n_step)[None] + 100.0 * np.arange(n_task)[:, None],
+                              env_steps=np.full((n_task, n_step), 1000.0))
+            attrs = {"scenario": "a", "seed": seed, "code_hash": "0" * 16, "config": "{}", "stage": stage,
+                     ("learner" if stage == "single_task" else "method"): label}
+            ds = metatest_dataset(arrays, limits[:n_task], [{"task": k} for k in range(n_task)], attrs, "sampled",
+                                  variables)
+            paths.append(tmp_path / f"{stage}-{seed}.nc")
+            write_dataset(ds, paths[-1])
+    summary = aggregate_traces(paths)
+    curves = plots.sample_curves(summary, "a")
+    assert set(curves) == {"cvpo", "m1 (meta-test)", "m2 (meta-test)", "m3 (meta-test)"}
+    np.testing.assert_array_equal(curves["cvpo"]["env_steps"].sel(seed=0).values, [100, 200, 300, 400])
+    np.testing.assert_array_equal(curves["cvpo"]["reward"].sel(seed=1).values, [0, 10, 20, 30])
+    # per-task limits d = 1, 2 on the learners' tasks: the cost row is the mean over them of cost - d
+    np.testing.assert_allclose(curves["cvpo"]["cost"].sel(seed=1).values, np.full(4, 4.0 - 1.5))
+    meta = curves["m3 (meta-test)"]
+    np.testing.assert_allclose(meta["reward"].sel(seed=0).values[:3], [50, 51, 52])
+    np.testing.assert_allclose(meta["env_steps"].sel(seed=1).values[:3], [1000, 2000, 3000])
+    assert plots.sample_curves(summary, "b") == {}                 # no learner ran on b
+    assert len(plots.single_task_figure(summary).axes) == 2        # one column: scenario a
+    empty = plots.single_task_figure(aggregate_traces(grid))
+    assert "no single-task learner ran" in empty.axes[0].texts[0].get_text()

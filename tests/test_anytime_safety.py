@@ -1,6 +1,10 @@
 """Prop. 4 / Cor. 1: with lam, lam_c at the bound and delta = 0, every adapted policy is safe and
 the reward never decreases; with small lam the guarantee (and safety) can be lost.
 
+At the bound the steps are tiny (KL ~ 1e-12 per step here), so safety there says little about the
+surrogate's cost model; the moderate-lam tests check realised cost <= d where the constraint binds
+and the step's KL is 1e-4 to 2e-2, and that without the lam_c KL term of (1) it can fail.
+
 The bound's constants for a tabular CMDP: with S^v = S (so alpha = 1) and rho of full support,
 every policy has nu(s) >= (1 - gamma) rho(s), so Assumption 2 holds with
 eta = (1 - gamma) min_s rho(s). Rewards in [0, r_max] bound |A| by A^max = r_max / (1 - gamma),
@@ -13,6 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import exact_sequence, random_cmdp, softmax, with_limits_near
+from safemeta.adaptation.dual_pgd import ExactAdaptationSettings
+from safemeta.config import settings
 from safemeta.tasks.tabular import TabularCMDP, evaluate
 
 
@@ -63,3 +69,40 @@ def test_one_step_guarantee_with_allowed_violation():
         assert (seq.cost[1] <= m_tight.d + delta + 1e-12).all()
         assert seq.reward[1] >= seq.reward[0] - 1e-12
         assert evaluate(m_tight, softmax(logits)).Jc.max() > m_tight.d.max()  # the start was above d
+
+
+# lam = lam_c four to five orders of magnitude below the bound (lam ~ 2e4, lam_c ~ 2e5 on these CMDPs,
+# where a step's KL is ~1e-12). Measured on the boundary starts of `_cases`: u* 0.5-1.6 on every
+# constraint, one-step KL 1.8e-3 to 1.7e-2 (lam 0.3) and 1.6e-4 to 1.5e-3 (lam 1), and every adapted
+# policy's realised cost at least 1.6e-4 below d.
+MODERATE_LAM = (0.3, 1.0)
+
+
+@pytest.mark.parametrize("lam", MODERATE_LAM)
+def test_one_step_is_safe_at_moderate_lam_where_the_constraint_binds(lam, record_property):
+    """Prop. 4's conclusion well below its bound: from a start on the boundary (J_c = d), the exact
+    A^s step with lam = lam_c moves the policy by a non-negligible KL against an active constraint,
+    and the adapted policy's realised cost J_c(pi^tau) is still <= d (the lam_c KL term of (1)
+    covers the error of the first-order cost surrogate)."""
+    kls = []
+    for seed, m, logits in _cases(0.0):
+        res = settings(ExactAdaptationSettings, lam=lam, lam_c=lam, delta=0.0).adapt(m, logits)
+        realised = evaluate(m, np.exp(res.logits))
+        assert (res.u > 0).all(), f"case {seed}: every constraint should bind (u* = {res.u})"
+        assert (realised.Jc <= m.d + 1e-12).all(), f"case {seed}: realised cost {realised.Jc} above d = {m.d}"
+        assert realised.J > evaluate(m, softmax(logits)).J, f"case {seed}: the step did not improve the reward"
+        kls.append(res.kl)
+    record_property("kl", kls)
+    print(f"lam = lam_c = {lam}: one-step KL {np.round(kls, 5)}")
+    assert min(kls) > 1e-4
+
+
+def test_without_the_kl_term_of_the_constraint_one_step_can_be_unsafe():
+    """The same starts at lam = 0.3 with lam_c = 0: the first-order cost surrogate alone lets the
+    realised cost exceed d on some case (measured: by 8e-4 and 9e-5 on two of the three
+    two-constraint cases)."""
+    excess = []
+    for seed, m, logits in _cases(0.0):
+        res = settings(ExactAdaptationSettings, lam=0.3, lam_c=0.0, delta=0.0).adapt(m, logits)
+        excess.append(float((evaluate(m, np.exp(res.logits)).Jc - m.d).max()))
+    assert max(excess) > 1e-5, excess

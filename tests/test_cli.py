@@ -190,7 +190,7 @@ def test_meta_test_adapter_and_method_overrides_of_the_operator(workdir):
     (lambda c: c["scenarios"]["rand"]["adaptation"]["dual_pgd"].update(kl_target=0.03),
      "config key 'scenarios.rand.adaptation.dual_pgd.kl_target': not read by operator dual_pgd on exact scenarios"),
     (lambda c: c["scenarios"]["rand"].update(metatrain={"eval_every": 2}),
-     "config key 'scenarios.rand.metatrain.eval_every': not read by safemeta on exact scenarios"),
+     "config key 'scenarios.rand.metatrain.eval_every': not read by any method on this scenario"),
     (lambda c: c["methods"]["safemeta"].update(adaptation={"fit_steps": 2}),
      "config key 'methods.safemeta.adaptation.fit_steps': not read by operator dual_pgd on exact scenarios"),
     (lambda c: c["methods"]["safemeta"].update(meta_gradient="hessian"), "config key 'methods.safemeta.meta_gradient'"),
@@ -219,6 +219,13 @@ def test_sampled_scenarios_refuse_the_exact_only_meta_gradients():
     with pytest.raises(ConfigError, match="config key 'methods.safemeta.meta_gradient': meta_gradient 'eq6' is not "
                                           "available on sampled scenarios"):
         load_config(config)
+    config["methods"]["safemeta"]["meta_gradient"] = "first_order"
+    config["scenarios"]["p"]["adaptation"] = {"dual_pgd": {"lam": 2.0}}
+    with pytest.raises(ConfigError, match="config key 'scenarios.p.adaptation.dual_pgd.lam': has no effect here: "
+                                          "kl_target is set"):
+        load_config(config)
+    config["scenarios"]["p"]["adaptation"]["dual_pgd"]["kl_target"] = None   # lam as given (the paper's Table 2)
+    load_config(config)
     config["scenarios"]["t"] = {"distribution": "tabular_random", "methods": {"safemeta": {"meta_gradient": "eq6"}}}
     config["methods"]["safemeta"]["meta_gradient"] = "first_order"
     load_config(config)   # per-scenario override: eq6 where it is exact, line 7 elsewhere

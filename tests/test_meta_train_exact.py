@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,10 +12,10 @@ from safemeta.adaptation.dual_pgd import ExactAdaptationSettings, ExactDualPGD
 from safemeta.config import settings
 from safemeta.meta.base import train as run_training
 from safemeta.meta.safe_meta_exact import ExactSafeMeta, MetaTrainSettings
-from safemeta.tasks import get_distribution
+from safemeta.tasks import Task, get_distribution
 from safemeta.tasks.tabular import evaluate
 
-from conftest import scenario_of, softmax
+from conftest import OneCMDP, random_cmdp, scenario_of, softmax
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +110,48 @@ def test_resume_from_a_saved_state_is_bit_identical(family):
     # a finished state does nothing more
     again = run_training(learner, resumed)
     assert len(again.records) == len(full.records)
+
+
+# --------------------------------------------------------------------------- the CRPO switch (lines 4, 10)
+def _one_iteration(cmdp, delta=0.0):
+    """Iteration 0 of exact Alg. 2 on one training task (the CMDP) from the uniform meta-policy."""
+    scenario = scenario_of(OneCMDP(cmdp))
+    task = Task("one_cmdp", {"d": cmdp.d.tolist()})
+    operator = ExactDualPGD(scenario, settings(ExactAdaptationSettings, lam=1.0, lam_c=1.0, delta=delta))
+    learner = ExactSafeMeta(scenario, operator, settings(MetaTrainSettings, meta_gradient="eq6", iterations=1,
+                                                         tasks_per_iteration=1, max_kl=0.02), [task], [task], 0)
+    state = learner.initial_state()
+    before = state.logits
+    learner.iteration(state)
+    return state.records[0], before, state.logits
+
+
+@pytest.mark.parametrize("excess,branch", [(0.05, "meta"), (0.15, "cost")])
+def test_switch_allows_the_violation_delta(excess, branch):
+    """Line 4: a meta-policy whose cost is above d but within d + delta (delta = 0.1) takes the
+    meta-gradient step (its adapted return rises); one above d + delta takes the cost step."""
+    m0 = random_cmdp(2, S=4, A=3, p=1, correlation=0.8)
+    m = dataclasses.replace(m0, d=evaluate(m0, np.full((4, 3), 1 / 3)).Jc - excess)
+    record, before, after = _one_iteration(m, delta=0.1)
+    assert record["step_accepted"]
+    adaptation = settings(ExactAdaptationSettings, lam=1.0, lam_c=1.0, delta=0.1)
+    adapted = [evaluate(m, np.exp(adaptation.adapt(m, x).logits)).J for x in (before, after)]
+    cost = [evaluate(m, softmax(x)).Jc[0] for x in (before, after)]
+    if branch == "meta":
+        assert record["n_violating"] == 0 and adapted[1] > adapted[0], (record["n_violating"], adapted)
+    else:
+        assert record["n_violating"] == 1 and cost[1] < cost[0], (record["n_violating"], cost)
+
+
+def test_switch_descends_the_violated_constraint():
+    """Line 10 with p = 2: constraint 0 violated, constraint 1 satisfied, and c_1 = 1 - c_0 (so
+    J_c1 = 1/(1-gamma) - J_c0: descending the satisfied cost would raise the violated one). The
+    cost step lowers J_c0."""
+    m0 = random_cmdp(5, S=4, A=3, p=1)
+    m0 = dataclasses.replace(m0, c=np.concatenate([m0.c, 1.0 - m0.c]), d=np.zeros(2))
+    start = evaluate(m0, np.full((4, 3), 1 / 3)).Jc
+    m = dataclasses.replace(m0, d=start + np.array([-0.1, 0.1]))
+    record, before, after = _one_iteration(m)
+    cost = [evaluate(m, softmax(x)).Jc for x in (before, after)]
+    assert record["n_violating"] == 1 and record["step_accepted"]
+    assert cost[1][0] < cost[0][0], cost

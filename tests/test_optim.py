@@ -51,3 +51,19 @@ def test_trpo_step_refuses_a_non_improving_direction():
     step = trpo_step(torch.zeros(12, dtype=torch.float64), -grad, softmax_fisher_vector_product(probs, ev.nu), J,
                      lambda flat: mean_kl(probs, ev.nu, flat.reshape(4, 3).numpy()), 1e-2)
     assert not step.accepted and torch.equal(step.params, torch.zeros(12, dtype=torch.float64))
+
+
+def test_trpo_step_uses_its_whole_kl_radius():
+    """On a quadratic KL, 1/2 x^T F x, and a linear objective the first candidate is accepted, and
+    its KL is the radius (up to the damping: the model's KL is 1/2 x^T (F + damping) x = max_kl)."""
+    rng = np.random.default_rng(3)
+    M = rng.normal(size=(8, 8))
+    F = torch.from_numpy(M @ M.T / 8 + 0.2 * np.eye(8))
+    g = torch.from_numpy(rng.normal(size=8))
+    start = torch.from_numpy(rng.normal(size=8))
+    kl = lambda flat: float(0.5 * (flat - start) @ F @ (flat - start))  # noqa: E731
+    for max_kl in (1e-3, 0.05):
+        step = trpo_step(start, g, lambda v: F @ v, lambda flat: float(g @ flat), kl, max_kl, cg_iters=8,
+                         damping=1e-8)
+        assert step.accepted and step.step_fraction == 1.0
+        assert max_kl * (1 - 1e-6) <= step.kl <= max_kl, (step.kl, max_kl)

@@ -34,7 +34,11 @@ SCENARIOS = {
                        "n_test_tasks": 2, "rollouts": 4, "policy": {"hidden": [8]}},
 }
 # Options that keep an algorithm's contract run small (its defaults stay what the schema says).
-SMALL: dict[str, dict] = {}
+SMALL: dict[str, dict] = {
+    "cgpo": {"adaptation": {"critic_updates": 2}},
+    "shac_lag": {"adaptation": {"critic_updates": 2}},
+    "mb_cgpo": {"adaptation": {"critic_updates": 2, "model_updates": 2}},
+}
 METATRAIN = {"iterations": 2, "tasks_per_iteration": 2, "eval_every": 1}
 
 
@@ -169,3 +173,11 @@ def test_schema_blocks_hold_exactly_the_options_the_classes_read(registry, prefi
             read |= fields - shared
             settings(cls.Settings)   # every field has a schema default
         assert options <= read, f"{prefix}_{name} has options no implementation reads: {options - read}"
+
+
+def test_a_scenarios_metatrain_override_does_not_concern_its_learners():
+    """scenarios.S.metatrain is read by meta-learners; a learner on S does not reject it."""
+    config = _config("sampled", "learners", LEARNERS.names()[0], {"iterations": 2})
+    config["methods"] = {"m": {"algorithm": "safemeta"}}          # the override's reader
+    config["scenarios"]["s"]["metatrain"] = {"tasks_per_iteration": 3}
+    load_config(config)

@@ -95,3 +95,58 @@ def test_same_seed_same_rollouts():
     torch.testing.assert_close(a.obs, b.obs)
     torch.testing.assert_close(a.reward, b.reward)
     assert not np.allclose(a.obs.numpy(), c.obs.numpy())
+
+
+class CostlyEndEnv:
+    """Copy i terminates on its transition at step i + 1 (copy 3 never), and that transition costs
+    2; every transition rewards 1 (the BatchEnv conventions: frozen and zero after termination)."""
+
+    num_envs, horizon, num_constraints, device = 4, 6, 1, "cpu"
+    END = torch.tensor([1, 2, 3, 99])
+
+    def __init__(self):
+        from gymnasium import spaces
+
+        self.observation_space, self.action_space = spaces.Box(-1, 1, (1,)), spaces.Discrete(2)
+        self.cost_limits = np.array([1.0])
+
+    def reset(self):
+        self.t, self.done = 0, torch.zeros(4, dtype=torch.bool)
+        return torch.zeros(4, 1)
+
+    def step(self, actions):
+        from safemeta.tasks.base import StepResult
+
+        live = ~self.done
+        ends = live & (self.END == self.t)
+        reward, cost = live.float(), (2.0 * ends.float())[:, None]
+        self.done = self.done | ends
+        self.t += 1
+        return StepResult(torch.zeros(4, 1), reward, cost, ends, torch.full((4,), self.t >= self.horizon))
+
+
+def test_collect_keeps_the_terminal_transitions_reward_and_cost():
+    batch = collect(CostlyEndEnv(), CategoricalMLPPolicy(1, 2, ()), torch.Generator().manual_seed(0), gamma=0.5,
+                    constraint_gamma=0.9)
+    torch.testing.assert_close(batch.episode_reward, torch.tensor([2.0, 3.0, 4.0, 6.0]))
+    torch.testing.assert_close(batch.episode_cost[:, 0], torch.tensor([2.0, 2.0, 2.0, 0.0]))
+    torch.testing.assert_close(batch.constraint_value, torch.tensor([2.0 * (0.9 + 0.9 ** 2 + 0.9 ** 3) / 4]))
+    torch.testing.assert_close(batch.q_cost[0, :, 0], torch.tensor([2 * 0.5, 2 * 0.5 ** 2, 2 * 0.5 ** 3, 0.0]))
+
+
+def test_sampling_time_includes_building_the_environment():
+    import time
+
+    from safemeta.rollout import SamplingSettings, rollout_policy
+
+    dist = get_distribution("point_circle", horizon=2)
+    task = dist.sample(1, 0)[0]
+    pol = policy_for(dist.make_env(task, 1, 0).observation_space, dist.make_env(task, 1, 0).action_space)
+
+    class SlowToBuild:                                 # an external simulator that takes 0.3 s to start
+        def make_env(self, *args):
+            time.sleep(0.3)
+            return dist.make_env(*args)
+
+    batch = rollout_policy(SlowToBuild(), task, pol, SamplingSettings(2, 0.99, 1.0), seed=0)
+    assert batch.sampling_time >= 0.3

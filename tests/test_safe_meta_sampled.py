@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import scenario_of
-from safemeta.adaptation.dual_pgd import SampledAdaptationSettings, SampledDualPGD
+from conftest import OneCMDP, finite_horizon_values, random_cmdp, scenario_of
+from safemeta.adaptation.dual_pgd_sampled import SampledAdaptationSettings, SampledDualPGD
 from safemeta.config import settings
 from safemeta.evaluate import meta_test
 from safemeta.meta.base import train as run_training
 from safemeta.meta.safe_meta import SampledMetaTrainSettings, SampledSafeMeta
 from safemeta.optim import fisher_vector_product, flat_grad, trpo_step
 from safemeta.policies import policy_from_checkpoint
-from safemeta.tasks import get_distribution
+from safemeta.tasks import Task, get_distribution
 
 LIMIT = 30.0
 ADAPT = settings(SampledAdaptationSettings, lam=0.5, lam_c=0.5)
@@ -132,3 +132,63 @@ def test_an_exploding_adaptation_stops_the_run_naming_iteration_and_quantity(pro
     learner = _learner(problem, adaptation=dataclasses.replace(ADAPT, delta=1e6), iterations=2, kl_limit=1e-9)
     with pytest.raises(FloatingPointError, match=r"iteration 0: adaptation KL .* exceeds kl_limit"):
         run_training(learner, learner.initial_state())
+
+
+# --------------------------------------------------------------------------- the CRPO switch (lines 4, 10)
+HORIZON = 20
+
+
+def _tabular_iteration(cmdp, d, delta=0.0):
+    """Iteration 0 of Alg. 4 on one training task: the CMDP sampled for HORIZON steps (constraint_gamma
+    = 1) with limits d; returns its record and the exact HORIZON-step costs before and after the step."""
+    scenario = scenario_of(OneCMDP(cmdp, HORIZON), rollouts=100, gamma=cmdp.gamma)
+    task = Task("one_cmdp", {"d": list(d)})
+    adapt = SampledDualPGD(scenario, dataclasses.replace(ADAPT, delta=delta))
+    learner = SampledSafeMeta(scenario, adapt, dataclasses.replace(TRAIN, iterations=1, tasks_per_iteration=1),
+                              [task], [task], 0)
+    state = learner.initial_state()
+    costs = []
+    for checkpoint in (state.policy, None):
+        if checkpoint is None:
+            learner.iteration(state)
+            checkpoint = state.policy
+        with torch.no_grad():
+            probs = policy_from_checkpoint(checkpoint).distribution(torch.eye(cmdp.num_states)).probs.double().numpy()
+        costs.append(finite_horizon_values(cmdp, probs, HORIZON, 1.0)[1:])
+    return state.records[0], costs
+
+
+def _uniform_cost(cmdp):
+    """Exact HORIZON-step cost of the initial meta-policy of seed 0 (what `_tabular_iteration` starts from)."""
+    policy = scenario_of(OneCMDP(cmdp, HORIZON)).fresh_policy(Task("one_cmdp", {"d": [0.0]}), 0, "sampled")
+    with torch.no_grad():
+        probs = policy.distribution(torch.eye(cmdp.num_states)).probs.double().numpy()
+    return finite_horizon_values(cmdp, probs, HORIZON, 1.0)[1:]
+
+
+@pytest.mark.parametrize("excess,branch", [(1.0, "meta"), (3.0, "cost")])
+def test_sampled_switch_allows_the_violation_delta(excess, branch):
+    """Line 4: a meta-policy whose estimated cost is above d but within d + delta (delta = 2) is
+    adapted and offers the meta-gradient; one above d + delta takes the cost step (lowering J_c)."""
+    m = random_cmdp(2, S=4, A=3, p=1, correlation=0.8)
+    d = _uniform_cost(m) - excess
+    record, costs = _tabular_iteration(m, d, delta=2.0)
+    estimate = record["batch_meta_cost"]
+    if branch == "meta":
+        assert (d < estimate).all() and (estimate <= d + 2.0).all(), (estimate, d)   # the case is what it says
+        assert record["n_violating"] == 0 and np.isfinite(record["batch_reward"])
+    else:
+        assert (estimate > d + 2.0).all(), (estimate, d)
+        assert record["n_violating"] == 1 and costs[1][0] < costs[0][0], costs
+
+
+def test_sampled_switch_descends_the_violated_constraint():
+    """Line 10 with p = 2: constraint 0 violated, constraint 1 satisfied, c_1 = 1 - c_0 (so
+    J_c1 = HORIZON - J_c0: descending the satisfied cost raises the violated one). The exact
+    J_c0 of the meta-policy falls."""
+    m = random_cmdp(5, S=4, A=3, p=1)
+    m = dataclasses.replace(m, c=np.concatenate([m.c, 1.0 - m.c]), d=np.zeros(2))
+    d = _uniform_cost(m) + np.array([-1.0, 1.0])
+    record, costs = _tabular_iteration(m, d)
+    assert record["n_violating"] == 1 and record["step_accepted"]
+    assert costs[1][0] < costs[0][0], costs

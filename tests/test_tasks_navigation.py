@@ -80,19 +80,25 @@ def test_point_button_goal_wrong_button_and_hazard():
     buttons = [[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]]
     hazards = [[0.0, -1.0]]
     env = env_for("point_button", {"buttons": buttons, "hazards": hazards}, n=4)
-    env.reset()
-    env.goal[:] = 0
-    env.set_pose([[1.05, 0.0], [-1.05, 0.0], [0.05, -1.0], [0.0, 0.0]], np.zeros(4))
+    # centres 0.19 apart: the robot's sphere presses button 0 (the goal) and button 1 (a wrong one), nose away
+    env.set_pose([[1.19, 0.0], [-1.19, 0.0], [0.05, -1.0], [0.0, 0.0]], np.array([0.0, math.pi, 0.0, 0.0]), goal=0)
     out = still(env)
+    assert env.touching().tolist() == [[True, False, False], [False, True, False], [False] * 3, [False] * 3]
     assert out.cost[:, 0].tolist() == [0.0, 1.0, 1.0, 0.0]       # goal press is free; wrong button, hazard cost
-    assert out.reward[0] > 0.9 and env.goal[0] != 0 and env.mute[0] == 10
+    assert out.reward[0] > 0.99 and env.mute.tolist() == [10, 0, 0, 0]
     assert abs(out.reward[3]) < 1e-3 and env.goal[1:].tolist() == [0, 0, 0]
     obs = out.obs.numpy()
     assert not obs[0, 12:28].any() and obs[1, 12:28].any()        # buttons lidar muted after a press
-    env.set_pose([[-1.05, 0.0]] * 4, np.zeros(4))                 # while muted a wrong button costs nothing
+    env.set_pose([[-1.19, 0.0]] * 4, np.full(4, math.pi), goal=[2, 0, 0, 0])   # while muted a wrong button is free
     env.mute[:] = [5, 0, 0, 0]
-    env.goal[:] = [2, 0, 0, 0]
     assert still(env).cost[:, 0].tolist() == [0.0, 1.0, 1.0, 1.0]
+
+
+def test_point_button_new_goal_is_any_button():
+    env = env_for("point_button", {"buttons": [[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]], "hazards": []}, n=64)
+    env.set_pose([[1.19, 0.0]] * 64, np.zeros(64), goal=0)
+    still(env)
+    assert (env.mute == 10).all() and set(env.goal.tolist()) == {0, 1, 2}   # as SG: the pressed one too
 
 
 def test_button_shaping_rewards_progress_to_goal():
@@ -170,13 +176,50 @@ def test_crowded_hand_built_layout_is_rejected():
 
 
 @pytest.mark.parametrize("name, action", [("point_circle", [1.0, 0.0]), ("car_circle_hazard", [1.0, 1.0])])
-def test_robots_drive_along_their_heading(name, action):
+def test_robots_drive_along_their_drive_axis(name, action):
     env = env_for(name, {"hazards": []} if name == "car_circle_hazard" else {}, n=2)
-    env.set_pose([[0.0, -0.5], [0.0, 0.5]], np.array([math.pi / 2, -math.pi / 2]))
+    heading = np.array([math.pi / 2, -math.pi / 2])
+    env.set_pose([[0.0, -0.5], [0.0, 0.5]], heading)
     _, rot = env.robot.pose(env.sim.qpos)
     np.testing.assert_allclose(rot[:, :2, 0], [[0, 1], [0, -1]], atol=1e-9)   # body x axis = heading
+    drive = np.einsum("nij,j->ni", rot[:, :2, :2], env.robot.drive_axis)    # the drive axis in the world
     for _ in range(25):
         env.step(torch.tensor([action, action]))
-    moved = env.sim.qpos[:, :2] - [[0.0, -0.5], [0.0, 0.5]]
-    assert moved[0, 1] > 0.1 and moved[1, 1] < -0.1
-    assert np.abs(moved[:, 0]).max() < 0.2 * np.abs(moved[:, 1]).min()
+    moved = env.positions() - [[0.0, -0.5], [0.0, 0.5]]
+    along = (moved * drive).sum(axis=1)
+    across = np.abs(moved[:, 0] * drive[:, 1] - moved[:, 1] * drive[:, 0])
+    assert (along > 0.1).all() and (across < 0.2 * along).all()
+
+
+@pytest.mark.parametrize("name, below, at_or_beyond", [
+    ("point_circle", [0.03, 0.0], [[0.05, 0.0], [0.5, 0.0], [1.0, 0.0]]),
+    ("car_circle_hazard", [0.01, 0.01], [[0.02, 0.02], [0.5, 0.5], [1.0, 1.0]]),
+])
+def test_actuators_saturate_as_safety_gymnasium(name, below, at_or_beyond):
+    """Point push: 0.3 * clip(a0, +-0.05) N; car wheels: clip(a, +-0.02) N m."""
+    env = env_for(name, {"hazards": []} if name == "car_circle_hazard" else {}, n=4)
+    env.set_pose([[0.0, 0.0]] * 4, np.zeros(4))
+    actions = torch.tensor([below] + at_or_beyond, dtype=torch.float64)
+    for _ in range(20):
+        env.step(actions)
+    travel = np.linalg.norm(env.positions(), axis=1)
+    assert travel[0] < 0.8 * travel[1]                                   # below the limit: less push
+    np.testing.assert_allclose(travel[1:], travel[1], rtol=1e-9)        # at or beyond it: the same
+
+
+@pytest.mark.parametrize("name", ["point_circle", "car_circle_hazard"])
+def test_sensors_describe_the_stepped_state(name):
+    """As Safety-Gymnasium: sensors are computed by mj_forward after the substeps, not inside the last one."""
+    import mujoco
+
+    env = env_for(name, n=2, seed=4)
+    for _ in range(5):
+        out = env.step(torch.tensor([[1.0, 0.7], [0.3, -1.0]]))
+    for i, d in enumerate(env.sim.datas):
+        fresh = mujoco.MjData(env.model)
+        fresh.qpos[:], fresh.qvel[:], fresh.ctrl[:] = d.qpos, d.qvel, d.ctrl
+        fresh.qacc_warmstart[:] = d.qacc_warmstart
+        mujoco.mj_forward(env.model, fresh)
+        np.testing.assert_allclose(env.sim.buffers["sensordata"][i], fresh.sensordata, atol=1e-9)
+        np.testing.assert_allclose(out.obs[i, :env.robot.sensor_dim].numpy(), env.robot.sensors(fresh.sensordata[None])[0],
+                                   rtol=1e-5, atol=1e-5)

@@ -31,7 +31,7 @@ from .provenance import provenance_attrs
 from .registry import kind_of
 from .results import metatrain_dataset, sequence_dataset, write_dataset
 from .rollout import derived_seed
-from .tasks import Task, TaskParamError, distribution_class, get_distribution
+from .tasks import BatchEnvError, Task, TaskParamError, distribution_class, get_distribution
 
 TASKS_FORMAT = "safemeta.tasks/1"
 
@@ -268,6 +268,29 @@ def cmd_plot(args: argparse.Namespace) -> None:
         print(f"wrote {path}", file=sys.stderr)
 
 
+def cmd_sg_setup(args: argparse.Namespace) -> None:
+    from .tasks.sg_setup import setup
+
+    setup(args.python, Path(args.prefix) if args.prefix else None, force=args.force)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .comparison import comparison_table, write_table
+    from .plots import write_comparison_figure
+    from .results import read_dataset
+
+    if not Path(args.summary).is_file():
+        raise InputError(f"summary {args.summary} does not exist (run `safemeta aggregate` first)")
+    summary = read_dataset(args.summary)
+    if "metatest_reward" not in summary:
+        raise InputError(f"summary {args.summary} holds no meta-test traces to compare")
+    table = comparison_table(summary)
+    write_table(table, args.csv, args.html)
+    print(f"wrote {args.csv}" + (f" and {args.html}" if args.html else "") + f": {len(table)} rows", file=sys.stderr)
+    if args.figure:
+        print(f"wrote {write_comparison_figure(summary, args.figure)}", file=sys.stderr)
+
+
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safemeta", description=__doc__.split("\n")[0])
@@ -340,10 +363,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="draw the figures (PNG) from summary.nc",
                        description="Draw metatrain.png (reward and max cost of the one-step adapted policy per "
                                    "meta-iteration), metatest.png (the same per adaptation step, limit d dashed) "
-                                   "and compute_time.png (normalised computation time per method).")
+                                   "compute_time.png (normalised computation time per method) and single_task.png "
+                                   "(single-task learners and meta-test curves against environment steps).")
     p.add_argument("--summary", required=True, help="summary.nc written by `safemeta aggregate`")
     p.add_argument("--out-dir", required=True, help="directory for the PNG files, e.g. results/figures")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("sg-setup", help="build the Python 3.10 Safety-Gymnasium worker environment (sg_* scenarios)",
+                       description="Create a Python 3.10 virtual environment with the pinned safety-gymnasium 1.0.0 "
+                                   "stack (src/safemeta/tasks/assets/sg-worker.lock) and check that its worker builds "
+                                   "each navigation task. Does nothing if an up-to-date build exists.")
+    p.add_argument("--python", help="Python 3.10 interpreter (default: python3.10 on PATH, else pyenv's 3.10.*)")
+    p.add_argument("--prefix", help="where to build it (default: $SAFEMETA_SG_ENV, else "
+                                    "~/.cache/safemeta/sg-worker-<lock hash>); other places need SAFEMETA_SG_ENV later")
+    p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build exists")
+    p.set_defaults(func=cmd_sg_setup)
+
+    p = sub.add_parser("compare", help="the side-by-side comparison of the methods (table and figure) from summary.nc",
+                       description="Per scenario and method: final meta-test reward (mean, SE over seeds) and its "
+                                   "ratio to the best baseline, meta-test steps whose max cost exceeds d and d + 2 SE, "
+                                   "median computation times and their ratios to Meta-CPO (CSV, and HTML for the "
+                                   "report); and comparison.png in the paper's Fig. 1/4 layout.")
+    p.add_argument("--summary", required=True, help="summary.nc written by `safemeta aggregate`")
+    p.add_argument("--csv", required=True, help="output table, e.g. results/comparison.csv")
+    p.add_argument("--html", help="the same table as an HTML page (the report shows it)")
+    p.add_argument("--figure", help="output PNG, e.g. results/figures/comparison.png")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
@@ -351,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, InputError, TaskParamError) as exc:
+    except (ConfigError, InputError, TaskParamError, BatchEnvError) as exc:
         print(f"safemeta {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

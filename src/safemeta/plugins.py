@@ -60,11 +60,16 @@ def algorithm_class(config: dict[str, Any], section: str, scenario: str, label: 
 
 
 def operator_class(config: dict[str, Any], name: str, scenario: str, kind: str, key: str) -> type:
+    """The operator's class for the algorithm's `kind`, else (a meta-test adapter) for another kind
+    of the scenario whose policies have the same form (tabular for exact, a network otherwise),
+    e.g. a differentiable operator adapting a meta-policy trained by a sampled method."""
     if name not in OPERATORS:
         raise ConfigError(f"config key '{key}': unknown adaptation operator {name!r} (known: {', '.join(OPERATORS.names())})")
-    for cls in OPERATORS.classes(name):
-        if kind in cls.kinds:
-            return cls
+    same_form = [k for k in _distribution_kinds(config, scenario) if k != kind and (k == "exact") == (kind == "exact")]
+    for candidate in (kind, *same_form):
+        for cls in OPERATORS.classes(name):
+            if candidate in cls.kinds:
+                return cls
     raise ConfigError(f"config key '{key}': adaptation operator {name!r} does not run on {kind} scenarios "
                       f"(scenario {scenario})")
 
@@ -119,7 +124,10 @@ def stage_part(config: dict[str, Any], stage: str, scenario: str, label: str) ->
     cls = algorithm_class(config, section, scenario, label)
     name = stage_operator(config, stage, scenario, label)
     op_cls = operator_class(config, name, scenario, kind_of(cls, _distribution_kinds(config, scenario)), "metatest.adapter")
-    reads, op_reads = _fields(cls), _fields(op_cls)
+    _, algo_settings = algorithm_settings(config, section, scenario, label)
+    _, op_settings = operator_settings(config, stage, scenario, label)
+    reads = _fields(cls) - set(cls.ignored(algo_settings))
+    op_reads = _fields(op_cls) - set(op_cls.ignored(op_settings))
 
     def only_read(entry: dict[str, Any]) -> dict[str, Any]:
         out = {k: v for k, v in entry.items() if k in reads or k == "algorithm"}   # not `scenarios`: no result depends on it
@@ -130,6 +138,8 @@ def stage_part(config: dict[str, Any], stage: str, scenario: str, label: str) ->
     scen = select(config, "scenarios", scenario)
     dropped = {"meta_train": ("metatest",), "meta_test": ("metatrain",), "single_task": ("metatrain", "metatest")}[stage]
     part_scen = {k: v for k, v in scen.items() if k not in ("adaptation", "methods", *dropped)}
+    if "metatrain" in part_scen:   # the shared override: only the keys this method reads
+        part_scen["metatrain"] = {k: v for k, v in part_scen["metatrain"].items() if k in reads}
     operator_block = block_defaults(f"operator_{name}") | scen.get("adaptation", {}).get(name, {})
     part_scen["adaptation"] = {name: {k: v for k, v in operator_block.items() if k in op_reads}}
     if section == "methods" and label in scen.get("methods", {}):
@@ -216,6 +226,7 @@ def check_config(raw: dict[str, Any], resolved: dict[str, Any]) -> None:
         for section in SECTIONS:
             for label in runs_on(resolved, section, skey):
                 _check_pair(raw, resolved, section, skey, label)
+        _check_shared_metatrain(raw, resolved, skey)
 
 
 def _given(raw: dict[str, Any], *path: str) -> dict[str, Any]:
@@ -232,16 +243,19 @@ def _check_pair(raw: dict[str, Any], resolved: dict[str, Any], section: str, sce
     kinds = _distribution_kinds(resolved, scenario)
     kind = kind_of(cls, kinds)
     what = f"{select(resolved, section, label)['algorithm']} on {kind} scenarios"
-    reads = _fields(cls)
+    ignored = cls.ignored(algo_settings)
+    reads = _fields(cls) - set(ignored)
     given = {f"{section}.{label}.{k}": k for k in _given(raw, section, label)
              if k not in ("algorithm", "adaptation", "scenarios")}
     if section == "methods":
         given.update({f"scenarios.{scenario}.methods.{label}.{k}": k
                       for k in _given(raw, "scenarios", scenario, "methods", label) if k != "adaptation"})
-    given.update({f"scenarios.{scenario}.metatrain.{k}": k for k in _given(raw, "scenarios", scenario, "metatrain")})
-    _refuse_unread(given, reads, what, scenario)
+    _refuse_unread(given, reads, what, scenario, ignored)
+    # a scenario's metatrain override is shared by its methods (checked in _check_shared_metatrain)
+    if section == "methods":
+        given.update({f"scenarios.{scenario}.metatrain.{k}": k for k in _given(raw, "scenarios", scenario, "metatrain")})
     try:
-        cls.check_options(algo_settings)
+        cls.check_options(algo_settings, frozenset(given.values()))
     except OptionError as exc:
         key = next((k for k, v in reversed(given.items()) if v == exc.option), f"{section}.{label}.{exc.option}")
         raise ConfigError(f"config key '{key}': {exc} (scenario {scenario})") from None
@@ -256,10 +270,12 @@ def _check_pair(raw: dict[str, Any], resolved: dict[str, Any], section: str, sce
             op_given.update({f"{section}.{label}.adaptation.{k}": k for k in _given(raw, section, label, "adaptation")})
             op_given.update({f"scenarios.{scenario}.methods.{label}.adaptation.{k}": k
                              for k in _given(raw, "scenarios", scenario, "methods", label, "adaptation")})
-        _refuse_unread(op_given, _fields(op_cls), f"operator {name} on {kind} scenarios", scenario)
         _, op_settings = operator_settings(resolved, stage, scenario, label)
+        op_ignored = op_cls.ignored(op_settings)
+        _refuse_unread(op_given, _fields(op_cls) - set(op_ignored), f"operator {name} on {kind} scenarios", scenario,
+                       op_ignored)
         try:
-            op_cls.check_options(op_settings)
+            op_cls.check_options(op_settings, frozenset(op_given.values()))
         except OptionError as exc:
             key = next((k for k, v in reversed(op_given.items()) if v == exc.option), f"adaptation.{name}.{exc.option}")
             raise ConfigError(f"config key '{key}': {exc} (scenario {scenario})") from None
@@ -268,8 +284,20 @@ def _check_pair(raw: dict[str, Any], resolved: dict[str, Any], section: str, sce
             raise ConfigError(f"config key 'metatest.delta': operator {name} has no delta (scenario {scenario})")
 
 
-def _refuse_unread(given: dict[str, str], reads: set[str], what: str, scenario: str) -> None:
+def _check_shared_metatrain(raw: dict[str, Any], resolved: dict[str, Any], scenario: str) -> None:
+    """Every key of `scenarios.S.metatrain` is read by at least one method that runs on S (the
+    override is shared: a key only some methods read, e.g. a TRPO radius, is not an error)."""
+    methods = runs_on(resolved, "methods", scenario)
+    reads = set().union(*(_fields(algorithm_class(resolved, "methods", scenario, m)) for m in methods))
+    given = {f"scenarios.{scenario}.metatrain.{k}": k for k in _given(raw, "scenarios", scenario, "metatrain")}
+    _refuse_unread(given, reads, f"any method on this scenario ({', '.join(methods) or 'none'})", scenario)
+
+
+def _refuse_unread(given: dict[str, str], reads: set[str], what: str, scenario: str,
+                   ignored: dict[str, str] | None = None) -> None:
     for key, option in given.items():
+        if option in (ignored or {}):
+            raise ConfigError(f"config key '{key}': has no effect here: {ignored[option]} (scenario {scenario})")
         if option not in reads:
             raise ConfigError(f"config key '{key}': not read by {what} (scenario {scenario}); "
                               f"it reads {', '.join(sorted(reads))}")

@@ -149,6 +149,12 @@ class GaussianMLPPolicy(NeuralPolicy):
             actions = mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
             return actions, dist.log_prob(actions)
 
+    def rsample(self, obs: torch.Tensor, noise: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Reparameterised actions mean(s) + std * noise, differentiable in the parameters and in obs
+        (`noise`: standard normal, shape [..., act_dim], drawn by the caller)."""
+        dist = self.distribution(obs, params)
+        return dist.base_dist.loc + dist.base_dist.scale * noise.to(obs.device, obs.dtype)
+
 
 class CategoricalMLPPolicy(NeuralPolicy):
     """pi(.|s) = softmax(logits(s)); with no hidden layers and one-hot states it is a tabular softmax."""

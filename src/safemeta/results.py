@@ -22,6 +22,26 @@ from .atomic import atomic_path
 from .records import Var, fill
 
 TIMING_VARS = ("time", "time_sampling", "time_compute")
+# A cost above d by more than this (relative to max(1, |d|)) is a violation; below it is rounding
+# of an exact solution that sits on the boundary.
+VIOLATION_TOL = 1e-9
+
+
+def violations(cost: xr.DataArray, cost_se: xr.DataArray, limit: xr.DataArray, z: float = 0.0) -> xr.DataArray:
+    """Number of tasks whose cost exceeds d + z SE in some constraint (NaN where cost is NaN)."""
+    excess = cost - limit - z * cost_se - VIOLATION_TOL * np.maximum(1.0, np.abs(limit))
+    over = (excess > 0).any("constraint")
+    return over.sum("task").where(cost.notnull().any(("task", "constraint")))
+
+
+def _safety(ds: xr.Dataset, cost: str, prefix: str) -> None:
+    """Add the violation counts of `cost` (per iteration or step) to a trace."""
+    names = {0.0: f"{prefix}violations", 2.0: f"{prefix}violations_2se"}
+    what = {"": "policies", "meta_": "meta-policies"}[prefix]
+    for z, name in names.items():
+        ds[name] = violations(ds[cost], ds[f"{cost}_se"], ds["limit"], z)
+        ds[name].attrs = {"long_name": f"tasks whose {what} cost exceeds d" + (f" + {z:g} SE" if z else ""),
+                          "units": "1"}
 
 
 def metatrain_dataset(records: list[dict[str, Any]], limits: np.ndarray, task_params: list[dict[str, Any]],
@@ -44,6 +64,9 @@ def metatrain_dataset(records: list[dict[str, Any]], limits: np.ndarray, task_pa
         data[name] = (("iteration", *var.dims), np.stack(rows), {"long_name": var.long_name, "units": var.units})
     ds = xr.Dataset(data, coords=_coords(records, n_task, p, task_params))
     ds["limit"] = (("task", "constraint"), np.asarray(limits, float), {"long_name": "cost limit d", "units": "cost"})
+    for cost, prefix in (("cost", ""), ("meta_cost", "meta_")):
+        if cost in ds and f"{cost}_se" in ds:
+            _safety(ds, cost, prefix)
     ds.attrs.update(attrs, return_kind=return_kind)
     return ds
 
@@ -60,6 +83,9 @@ def sequence_dataset(arrays: dict[str, np.ndarray], limits: np.ndarray, task_par
     ds = xr.Dataset(data, coords={"task": np.arange(n_task), "step": np.arange(steps), "constraint": np.arange(p),
                                   "task_params": ("task", [json.dumps(t, sort_keys=True) for t in task_params])})
     ds["limit"] = (("task", "constraint"), np.asarray(limits, float), {"long_name": "cost limit d", "units": "cost"})
+    _safety(ds, "cost", "")
+    ds["violation_rate"] = ((), float(ds["violations"].sum() / (n_task * steps)),
+                            {"long_name": "share of all policies (tasks x steps) whose cost exceeds d", "units": "1"})
     ds.attrs.update(attrs, return_kind=return_kind)
     return ds
 
@@ -115,11 +141,28 @@ def _labels(ds: xr.Dataset, path: str) -> tuple[str, str, str, int]:
 
 
 def _source(path: str, ds: xr.Dataset, stage: str, scenario: str, label: str, seed: int) -> dict[str, Any]:
-    """Provenance of one merged trace (its config as a hash: the trace file holds it in full)."""
+    """Provenance of one merged trace (its config as a hash: the trace file holds it in full) and
+    the algorithm that made it (None when its config does not say)."""
     return {"file": path, "stage": stage, "scenario": scenario, STAGE_LABEL[stage][1]: label, "seed": seed,
+            "algorithm": _algorithm(ds, stage, label),
             "code_hash": ds.attrs.get("code_hash"), "safemeta_version": ds.attrs.get("safemeta_version"),
             "return_kind": ds.attrs.get("return_kind"),
             "config_sha256": hashlib.sha256(str(ds.attrs.get("config")).encode()).hexdigest()[:16]}
+
+
+def _algorithm(ds: xr.Dataset, stage: str, label: str) -> str | None:
+    """`algorithm` of the method (or learner) block in a trace's config attribute."""
+    section = "learners" if stage == "single_task" else "methods"
+    try:
+        return str(json.loads(ds.attrs["config"])[section][label]["algorithm"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def algorithms(summary: xr.Dataset) -> dict[str, str]:
+    """Method label -> the algorithm that made its traces (the label itself when unrecorded)."""
+    found = {s["method"]: s.get("algorithm") for s in json.loads(summary.attrs.get("sources", "[]")) if "method" in s}
+    return {str(m): found.get(str(m)) or str(m) for m in summary.method_name.values}
 
 
 def _labelled(ds: xr.Dataset, stage: str, scenario: str, label: str, seed: int) -> xr.Dataset:
@@ -145,6 +188,7 @@ def _task_params_table(entries: dict[tuple[str, int], np.ndarray], scenarios: li
 def aggregate_traces(paths: list[str | Path]) -> xr.Dataset:
     """Merge meta-train and meta-test traces into one dataset (the pipeline's summary.nc).
 
+    Every trace's safety counts (`violations`, `violations_2se`, `violation_rate`) come along.
     Dims: scenario, method_name, seed (labels read from each trace's provenance attributes), then
     iteration (meta-train variables, prefixed `metatrain_`), step (meta-test, `metatest_`), task
     and constraint; single-task traces (`single_`) have learner in place of method_name and

@@ -155,7 +155,13 @@ def derived_seed(*keys: int) -> int:
 
 def rollout_policy(dist: Any, task: Any, policy: NeuralPolicy, sampling: SamplingSettings, seed: int,
                    device: Any = "cpu") -> Batch:
-    """`sampling.rollouts` episodes of `policy` on `task` of distribution `dist`, all draws from `seed`."""
+    """`sampling.rollouts` episodes of `policy` on `task` of distribution `dist`, all draws from `seed`.
+    Its sampling time includes building the environment (for an external simulator such as the
+    Safety-Gymnasium worker, a large part)."""
+    start = time.perf_counter()
     env = dist.make_env(task, sampling.rollouts, derived_seed(seed, 0), device)
+    built = time.perf_counter() - start
     generator = torch.Generator(device="cpu").manual_seed(derived_seed(seed, 1))
-    return collect(env, policy, generator, sampling.gamma, sampling.constraint_gamma)
+    batch = collect(env, policy, generator, sampling.gamma, sampling.constraint_gamma)
+    batch.sampling_time += built
+    return batch

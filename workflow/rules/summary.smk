@@ -43,6 +43,11 @@ rule plot:
             caption="../report/compute_time.rst",
             category="Figures",
         ),
+        single_task=report(
+            "results/figures/single_task.png",
+            caption="../report/single_task.rst",
+            category="Figures",
+        ),
     params:
         code=stage_code_hash("plot"),
         out_dir=lambda wc, output: os.path.dirname(output.metatrain),
@@ -59,3 +64,37 @@ rule plot:
         SOFTWARE_ENV
     shell:
         "safemeta plot --summary {input} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule compare:
+    """The side-by-side comparison of the methods: the paper's Fig. 1/4 layout and the table of its claims."""
+    input:
+        "results/summary.nc",
+    output:
+        figure=report(
+            "results/figures/comparison.png",
+            caption="../report/comparison.rst",
+            category="Comparison",
+        ),
+        table=report(
+            "results/comparison.html",
+            caption="../report/comparison_table.rst",
+            category="Comparison",
+        ),
+        csv="results/comparison.csv",
+    params:
+        code=stage_code_hash("compare"),
+    log:
+        "logs/compare.log",
+    benchmark:
+        "results/benchmarks/compare.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    localrule: True
+    conda:
+        SOFTWARE_ENV
+    shell:
+        "safemeta compare --summary {input} --figure {output.figure} --csv {output.csv} --html {output.table}"
+        " > {log} 2>&1"

@@ -84,8 +84,15 @@ class AdaptationOperator:
         self.scenario, self.settings = scenario, settings
 
     @classmethod
-    def check_options(cls, settings: Any) -> None:
-        """Raise registry.OptionError(option, why) for a value this implementation cannot use."""
+    def check_options(cls, settings: Any, given: frozenset[str] = frozenset()) -> None:
+        """Raise registry.OptionError(option, why) for a value this implementation cannot use;
+        `given` names the options the config sets explicitly (the others are defaults)."""
+
+    @classmethod
+    def ignored(cls, settings: Any) -> dict[str, str]:
+        """Options without effect under the others' values (option -> why): setting one is an
+        error, and stage configs leave them out."""
+        return {}
 
     def start(self, task: "Task", policy: Any, seed: int) -> Any:
         """Per-sequence state for adapting `policy` on `task` (a buffer, critics, ...)."""

@@ -39,7 +39,6 @@ and solved by `differentiable=True` in the graph of theta, is what Meta-CPO diff
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
@@ -48,8 +47,9 @@ import torch
 
 from ..optim import conjugate_gradient
 from ..records import Var
-from ..tasks.tabular import TabularCMDP, evaluate, evaluate_torch
-from .base import AdaptationOperator, Observation, Step
+from ..tasks.tabular import TabularCMDP, evaluate_torch
+from .base import Observation, Step
+from .observation import ExactObserver, RolloutObserver
 
 if TYPE_CHECKING:
     from ..policies import NeuralPolicy
@@ -383,26 +383,13 @@ def _step(result: CPOStep, policy: Any) -> Step:
                 {"feasible": float(case != RECOVERY), "cpo_case": float(case), "fraction": result.fraction}, result)
 
 
-class ExactCPO(AdaptationOperator):
+class ExactCPO(ExactObserver):
     """The CPO step of a tabular softmax with exact values (`exact_cpo_step`); observation = exact evaluation."""
 
     name = "cpo"
     kinds = ("exact",)
     Settings = ExactCPOSettings
     step_vars = STEP_VARS
-
-    def start(self, task, policy, seed):
-        state = super().start(task, policy, seed)
-        state.cmdp = self.scenario.distribution.cmdp(task)
-        return state
-
-    def return_kind(self) -> str:
-        return "exact expected discounted return from rho (tabular, no sampling)"
-
-    def observe(self, state, policy, seed: int) -> Observation:
-        t0 = time.perf_counter()
-        ev = evaluate(state.cmdp, policy.probs())
-        return Observation(ev.J, ev.Jc, np.zeros_like(ev.Jc), time.perf_counter() - t0, 0, ev)
 
     def step(self, state, policy, observation: Observation) -> Step:
         from ..policies import TabularSoftmaxPolicy
@@ -412,19 +399,13 @@ class ExactCPO(AdaptationOperator):
         return _step(result, TabularSoftmaxPolicy(logits, normalized=True))
 
 
-class SampledCPO(AdaptationOperator):
+class SampledCPO(RolloutObserver):
     """The CPO step from one batch of the current policy's rollouts (`sampled_cpo_step`)."""
 
     name = "cpo"
     kinds = ("sampled",)
     Settings = SampledCPOSettings
     step_vars = STEP_VARS
-
-    def observe(self, state, policy, seed: int) -> Observation:
-        batch = self.scenario.rollout(state.task, policy, seed)
-        return Observation(float(batch.episode_reward.mean()), batch.constraint_value.double().cpu().numpy(),
-                           batch.constraint_value_se.double().cpu().numpy(), batch.sampling_time,
-                           int(batch.alive.sum()), batch)
 
     def step(self, state, policy, observation: Observation) -> Step:
         surrogates = BatchSurrogates(policy, observation.data, float(state.limits[0]))

@@ -27,20 +27,17 @@ u_max closed form, which tends to the minimiser of the violated constraint's sur
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 import torch
 
 from ..records import Var
-from ..tasks.tabular import Evaluation, TabularCMDP, evaluate, evaluate_torch
-from .base import AdaptationOperator, Observation, Step
+from ..tasks.tabular import Evaluation, TabularCMDP, evaluate_torch
+from .base import Observation, Step
+from .observation import ExactObserver
 
-if TYPE_CHECKING:
-    from ..policies import NeuralPolicy
-    from ..rollout import Batch
 
 
 def eta_of(u: torch.Tensor, lam: float, lam_c: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -204,254 +201,26 @@ def adapt_tabular(cmdp: TabularCMDP, logits: np.ndarray, lam: float, lam_c: floa
                        feasible=sol.feasible, kl=kl, surrogate_cost=surrogate.numpy(), meta_eval=meta_eval)
 
 
-# --------------------------------------------------------------------------- sampled A^s (Alg. 3)
-@dataclass(frozen=True)
-class SampledAdaptationSettings:
-    """Options of the sampled A^s (schema block `operator_dual_pgd`). lam, lam_c, delta: the
-    paper's Table 2 row.
-
-    normalize_advantages: divide the advantages of the closed form by the reward advantages'
-    standard deviation, so lam, lam_c are in those units (Table 2's values then give KLs of the
-    order App. D.4 aims at).
-    kl_target: if set, lam and lam_c are scaled together per adaptation so that the adapted
-    policy's KL to pi_phi is about kl_target (App. D.4 tunes them by hand to about 0.03).
-    """
-
-    block: ClassVar[str] = "operator_dual_pgd"
-
-    lam: float
-    lam_c: float | list[float]
-    delta: float | list[float]
-    dual_tol: float
-    dual_max_iter: int
-    cg_iters: int
-    cg_damping: float
-    fit_steps: int
-    normalize_advantages: bool
-    kl_target: float | None
-
-
-@dataclass
-class SampledAdaptResult:
-    policy: "NeuralPolicy"        # the adapted policy (a new module; pi_phi is left unchanged)
-    u: np.ndarray                 # [p] multipliers
-    eta: float                    # eta_u* in the advantages' units
-    lam_scale: float              # factor applied to lam, lam_c (1 unless kl_target is set)
-    kl: float                     # E_nu KL(adapted || pi_phi) on the batch's states
-    predicted_cost: np.ndarray    # [p] predicted J_c of the adapted policy at u*
-    iterations: int
-    converged: bool
-    feasible: bool
-    fit_loss: tuple[float, float]  # E.2.2 loss at the natural-step warm start and after fitting
-
-
-def adapt_sampled(policy: "NeuralPolicy", batch: "Batch", limits: np.ndarray,
-                  settings: SampledAdaptationSettings) -> SampledAdaptResult:
-    """A^s from one batch of pi_phi's samples (Alg. 3 with Q from Monte-Carlo returns, eq. 9).
-
-    1. Advantages of the closed form: discounted returns-to-go minus a per-step baseline
-       (a baseline shifts log pi^u by a per-state constant only).
-    2. pi^u of eq. (12) in parameter space: theta_u = phi + F^-1 E_nu[grad log pi (A - u.A_c)] / eta_u,
-       the natural step, i.e. the second-order (Fisher) solution of problem (1)'s KL-regularised
-       objective; for a tabular softmax it is eq. (3) exactly. Needs p + 1 CG solves, after
-       which any u costs a few dot products.
-    3. PGD on u (Alg. 3 lines 2-7) with the dual gradient of eq. (11),
-       -(J_c + grad J_c . (theta_u - phi)) + d + delta (the factor (1-gamma) dropped: it only
-       rescales the step). J_c and grad J_c are those of the constrained cost (batch docs).
-       (Per-decision importance weights in place of the linear term, i.e. eq. (5), were tried:
-       exact for a tabular softmax, but dominated by a few exploding ratios for Gaussian
-       policies at the multipliers PGD explores.)
-    4. The adapted policy is the App. E.2.2 fit of pi^u*: natural-gradient (Fisher-preconditioned
-       Newton) steps from phi on the importance-weighted KL. The first step is theta_u* itself
-       (the E.2.2 loss has gradient -E_nu[grad log pi Abar]/eta and Hessian ~ F at phi); then
-       `fit_steps` more, each kept only if it lowers the loss and keeps eq. (11)'s predicted cost
-       within d + delta (or within the first step's prediction). Default 0: measured on
-       point_circle_diff (20 rollouts, lam = 2), two more steps lowered the loss but raised the
-       realised cost from 13.0 to 19.6 (d = 13.9) by fitting the Monte-Carlo noise of Q.
-    """
-    from ..optim import conjugate_gradient, fisher_vector_product, flat_grad
-    from ..rollout import time_baseline
-
-    p = int(np.asarray(limits).shape[0])
-    lam_c = as_vector(settings.lam_c, p, "lam_c")
-    delta = as_vector(settings.delta, p, "delta")
-    limit = np.asarray(limits, dtype=np.float64) + delta
-    alive = batch.alive
-    obs, actions, old_logp = batch.obs[alive], batch.actions[alive], batch.log_prob[alive]
-    nu = batch.visitation()[alive]                                        # normalised discounted visitation
-    adv = (batch.q_reward - time_baseline(batch.q_reward, alive))[alive]
-    adv_c = (batch.q_cost - time_baseline(batch.q_cost, alive))[alive]   # [M, p]
-    con = (batch.cost_to_go - time_baseline(batch.cost_to_go, alive))[alive]
-    con_w = batch.constraint_discount[alive] / batch.num_rollouts         # grad of J_c in its own units
-    scale = float(torch.sqrt((nu * (adv - (nu * adv).sum()) ** 2).sum())) if settings.normalize_advantages else 1.0
-    scale = scale if scale > 0 else 1.0
-    gamma = batch.gamma
-
-    params = list(policy.parameters())
-    phi = policy.flat()
-    logp = policy.log_prob(obs, actions)
-    g_r = flat_grad((nu * adv * logp).sum() / scale, params, retain_graph=True)
-    g_c = [flat_grad((nu * adv_c[:, i] * logp).sum() / scale, params, retain_graph=True) for i in range(p)]
-    h_c = [flat_grad((con_w * con[:, i] * logp).sum(), params, retain_graph=True) for i in range(p)]
-    fvp_plain = fisher_vector_product(policy, obs, nu)
-
-    def fvp(v):
-        return fvp_plain(v) + settings.cg_damping * v
-
-    x_r = conjugate_gradient(fvp, g_r, settings.cg_iters)
-    x_c = torch.stack([conjugate_gradient(fvp, g, settings.cg_iters) for g in g_c]) if p else None
-    a = np.array([float(h @ x_r) for h in h_c])
-    B = np.array([[float(h @ x) for x in x_c] for h in h_c])
-    J_c = batch.constraint_value.detach().double().numpy()
-    lam_c_t = torch.from_numpy(lam_c)
-
-    def step_of(u: np.ndarray, k: float) -> tuple[torch.Tensor, float]:
-        eta = float(eta_of(torch.from_numpy(u), k * settings.lam, k * lam_c_t, gamma))
-        return (x_r - torch.einsum("i,ij->j", torch.from_numpy(u).to(x_r.dtype), x_c)) / eta, eta
-
-    def quadratic_kl(u: np.ndarray, k: float, quad: tuple) -> float:  # 1/2 dtheta^T F dtheta of the natural step
-        quad_rr, quad_rc, quad_cc = quad
-        eta = float(eta_of(torch.from_numpy(u), k * settings.lam, k * lam_c_t, gamma))
-        return 0.5 * (quad_rr - 2 * u @ quad_rc + u @ quad_cc @ u) / eta ** 2
-
-    def predicted(u: np.ndarray, k: float) -> np.ndarray:  # eq. (11): J_c + grad J_c . (theta_u - phi)
-        eta = float(eta_of(torch.from_numpy(u), k * settings.lam, k * lam_c_t, gamma))
-        return J_c + (a - B @ u) / eta
-
-    tol = settings.dual_tol * max(1.0, float(np.abs(limit).max()))
-
-    def solve(k: float) -> DualSolution:
-        return projected_gradient_descent(lambda u: limit - predicted(u, k), p, tol=tol,
-                                          max_iter=settings.dual_max_iter)
-
-    k = 1.0
-    if settings.kl_target is not None:  # the Fisher quadratic forms of the two CG solutions, once
-        quad = (float(x_r @ fvp_plain(x_r)), np.array([float(x_r @ fvp_plain(x)) for x in x_c]),
-                np.array([[float(xi @ fvp_plain(xj)) for xj in x_c] for xi in x_c]))
-        k = _scale_for_kl(lambda kk: quadratic_kl(solve(kk).u, kk, quad), settings.kl_target)
-    sol = solve(k)
-    dtheta, eta = step_of(sol.u, k)
-
-    adapted = type(policy).from_checkpoint(policy.to_checkpoint())
-    adapted.load_flat(phi + dtheta)
-    target = ((adv - adv_c @ torch.from_numpy(sol.u).to(adv.dtype)) / (scale * eta)).detach()
-    fit_steps = settings.fit_steps if sol.feasible else 0  # the infeasible limit is not a target to fit
-    h = torch.stack(h_c) if p else None
-    allowed = np.maximum(limit, predicted(sol.u, k))  # the fit may not raise the predicted cost above this
-
-    def acceptable(theta: torch.Tensor) -> bool:
-        return bool((J_c + (h @ (theta - phi)).double().numpy() <= allowed + 1e-9).all()) if p else True
-
-    fit_loss = _fit_e22(adapted, obs, actions, old_logp, nu, target, fit_steps, fvp, settings.cg_iters, acceptable)
-    with torch.no_grad():  # E_nu KL(adapted || pi_phi), the direction of problem (1)
-        kl = float((nu * policy.kl(obs, adapted.distribution(obs))).sum())
-    return SampledAdaptResult(adapted, sol.u, eta, k, kl, predicted(sol.u, k), sol.iterations, sol.converged,
-                              sol.feasible, fit_loss)
-
-
-def _scale_for_kl(kl_of_scale: Callable[[float], float], target: float) -> float:
-    """Bisection on log k for kl(k) = target (kl falls as lam, lam_c grow); k in [1e-4, 1e4]."""
-    lo, hi = -4.0 * np.log(10), 4.0 * np.log(10)
-    for _ in range(40):
-        mid = 0.5 * (lo + hi)
-        if kl_of_scale(float(np.exp(mid))) > target:
-            lo = mid
-        else:
-            hi = mid
-    return float(np.exp(0.5 * (lo + hi)))
-
-
-def _fit_e22(adapted: "NeuralPolicy", obs: torch.Tensor, actions: torch.Tensor, old_logp: torch.Tensor,
-             nu: torch.Tensor, target: torch.Tensor, steps: int, fvp: Callable, cg_iters: int,
-             acceptable: Callable[[torch.Tensor], bool]) -> tuple[float, float]:
-    """App. E.2.2: min_theta E_{s~nu, a~pi_phi}[rho_theta (log pi_theta - log pi_phi - target)],
-    rho_theta = pi_theta / pi_phi, which is E_nu KL(pi_theta || pi^u) up to a constant.
-
-    Each step is a natural-gradient step (preconditioned by pi_phi's Fisher, as the warm start)
-    with backtracking until the loss falls and `acceptable(theta)` holds (the cost guard).
-    """
-    from ..optim import conjugate_gradient, flat_grad
-
-    params = list(adapted.parameters())
-
-    def loss(flat: torch.Tensor | None = None) -> torch.Tensor:
-        logp = adapted.log_prob(obs, actions, None if flat is None else adapted.unflatten(flat))
-        return (nu * torch.exp(logp - old_logp) * (logp - old_logp - target)).sum()
-
-    theta = adapted.flat()
-    with torch.no_grad():
-        start = current = float(loss(theta))
-    if not np.isfinite(start):
-        return start, start
-    for _ in range(steps):
-        grad = flat_grad(loss(), params)
-        direction = conjugate_gradient(fvp, grad, cg_iters)
-        for fraction in 0.5 ** np.arange(8):
-            trial = theta - float(fraction) * direction
-            with torch.no_grad():
-                value = float(loss(trial))
-            if np.isfinite(value) and value < current and acceptable(trial):
-                theta, current = trial, value
-                adapted.load_flat(theta)
-                break
-        else:
-            break  # no decrease along the natural direction: converged as far as this goes
-    return start, current
-
-
 # --------------------------------------------------------------------------- the operators
-FEASIBLE = Var((), "problem (1) of the step was feasible", "1", initial=1.0)
+EXACT_STEP_VARS = {
+    "feasible": Var((), "problem (1) of the step was feasible", "1", initial=1.0),
+    "converged": Var((), "the dual solver reached dual_tol", "1", initial=1.0),
+    "predicted_cost": Var(("constraint",), "the constraint of problem (1) at the step taken (its predicted cost)",
+                          "cost"),
+}
 
 
-class ExactDualPGD(AdaptationOperator):
+class ExactDualPGD(ExactObserver):
     """A^s on a tabular CMDP with exact advantages (Alg. 1); observation = exact evaluation."""
 
     name = "dual_pgd"
     kinds = ("exact",)
     Settings = ExactAdaptationSettings
-    step_vars = {"feasible": FEASIBLE}
-
-    def start(self, task, policy, seed):
-        state = super().start(task, policy, seed)
-        state.cmdp = self._cmdp(task)
-        return state
-
-    def _cmdp(self, task):
-        """The task's CMDP, built once per task object (meta-training evaluates the same tasks often)."""
-        cache = self.__dict__.setdefault("_cmdps", {})
-        if id(task) not in cache:
-            cache[id(task)] = (task, self.scenario.distribution.cmdp(task))   # the task is kept alive
-        return cache[id(task)][1]
-
-    def return_kind(self) -> str:
-        return "exact expected discounted return from rho (tabular, no sampling)"
-
-    def observe(self, state, policy, seed: int) -> Observation:
-        t0 = time.perf_counter()
-        ev = evaluate(state.cmdp, policy.probs())
-        return Observation(ev.J, ev.Jc, np.zeros_like(ev.Jc), time.perf_counter() - t0, 0, ev)
+    step_vars = EXACT_STEP_VARS
 
     def step(self, state, policy, observation: Observation) -> Step:
         from ..policies import TabularSoftmaxPolicy
 
         res = self.settings.adapt(state.cmdp, policy.logits)
-        return Step(TabularSoftmaxPolicy(res.logits, normalized=True), res.u, res.kl, {"feasible": res.feasible}, res)
-
-
-class SampledDualPGD(AdaptationOperator):
-    """A^s from one batch of the current policy's rollouts (Alg. 3, `adapt_sampled`)."""
-
-    name = "dual_pgd"
-    kinds = ("sampled",)
-    Settings = SampledAdaptationSettings
-    step_vars = {"feasible": FEASIBLE}
-
-    def observe(self, state, policy, seed: int) -> Observation:
-        batch = self.scenario.rollout(state.task, policy, seed)
-        return Observation(float(batch.episode_reward.mean()), batch.constraint_value.double().cpu().numpy(),
-                           batch.constraint_value_se.double().cpu().numpy(), batch.sampling_time,
-                           int(batch.alive.sum()), batch)
-
-    def step(self, state, policy, observation: Observation) -> Step:
-        res = adapt_sampled(policy, observation.data, state.limits, self.settings)
-        return Step(res.policy, res.u, res.kl, {"feasible": res.feasible}, res)
+        record = {"feasible": res.feasible, "converged": res.converged, "predicted_cost": res.surrogate_cost}
+        return Step(TabularSoftmaxPolicy(res.logits, normalized=True), res.u, res.kl, record, res)

@@ -31,12 +31,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
+import torch
 
 from ..evaluate import adaptation_sequence
+from ..optim import fisher_vector_product, flat_grad, trpo_step
 from ..records import Var
 
 if TYPE_CHECKING:
     from ..adaptation.base import AdaptationOperator
+    from ..policies import NeuralPolicy
     from ..scenario import Scenario
     from ..tasks import Task
 
@@ -47,6 +50,8 @@ EVALUATION_VARS: dict[str, Var] = {
     "cost": Var(("task", "constraint"), "cost of the one-step adapted policy A^s(pi_phi)", "cost"),
     "meta_reward": Var(("task",), "reward of the meta-policy pi_phi", "return"),
     "meta_cost": Var(("task", "constraint"), "cost of the meta-policy pi_phi", "cost"),
+    "cost_se": Var(("task", "constraint"), "standard error of cost (0: exact)", "cost"),
+    "meta_cost_se": Var(("task", "constraint"), "standard error of meta_cost (0: exact)", "cost"),
     "u": Var(("task", "constraint"), "multipliers of the one-step adaptation", "1"),
     "adapt_kl": Var(("task",), "E_nu KL(A^s(pi_phi) || pi_phi) of the one-step adaptation", "nats"),
 }
@@ -89,8 +94,15 @@ class MetaLearner:
         self.train_tasks, self.evaluation, self.seed = train, evaluation, int(seed)
 
     @classmethod
-    def check_options(cls, settings: Any) -> None:
-        """Raise registry.OptionError(option, why) for a value this implementation cannot use."""
+    def check_options(cls, settings: Any, given: frozenset[str] = frozenset()) -> None:
+        """Raise registry.OptionError(option, why) for a value this implementation cannot use;
+        `given` names the options the config sets explicitly (the others are defaults)."""
+
+    @classmethod
+    def ignored(cls, settings: Any) -> dict[str, str]:
+        """Options without effect under the others' values (option -> why): setting one is an
+        error, and stage configs leave them out."""
+        return {}
 
     @classmethod
     def trace_vars(cls, operator: type["AdaptationOperator"]) -> dict[str, Var]:
@@ -106,6 +118,16 @@ class MetaLearner:
 
     def policy(self, state: Any) -> Any:
         raise NotImplementedError
+
+
+def crpo_switch(branches: list[str], switch: str) -> list[int]:
+    """Which tasks' directions a batch step combines (Alg. 2 lines 4-12 with a batch of tasks):
+    `branches[j]` is "meta" for a task that offers its meta-gradient, anything else for one that
+    offers a cost-reduction direction. switch "any": if any task offers a cost reduction, only
+    those (CRPO on problem (2)'s constraints); "per_task": every task's own branch."""
+    if switch == "any" and any(b != "meta" for b in branches):
+        return [j for j, b in enumerate(branches) if b != "meta"]
+    return list(range(len(branches)))
 
 
 def train(learner: MetaLearner, state: Any, on_iteration: Callable[[Any], None] | None = None) -> Any:
@@ -135,12 +157,45 @@ def evaluate_one_step(operator: "AdaptationOperator", tasks: list["Task"], polic
         out["meta_cost"].append(seq["cost"][0])
         out["reward"].append(seq["reward"][1])
         out["cost"].append(seq["cost"][1])
+        out["meta_cost_se"].append(seq["cost_se"][0])
+        out["cost_se"].append(seq["cost_se"][1])
         out["u"].append(seq["u"][1])
         out["adapt_kl"].append(seq["kl"][1])
         for name in operator.step_vars:
             out[name].append(seq[name][1])
         t_sampling += float(seq["time_sampling"].sum())
     return {k: np.asarray(v) for k, v in out.items()}, t_sampling
+
+
+def trpo_meta_step(meta: "NeuralPolicy", entries: list, settings: Any, n: int):
+    """One TRPO step on the mean of the entries' surrogates (lines 8 / 12); also the outer step of
+    other TRPO-based meta-learners. An entry is (branch, surrogate(params | None), batch on pi_phi):
+    the Fisher and mean KL are the meta-policy's on the entries' batches (visitation-weighted),
+    and `settings` gives max_kl, cg_iters, cg_damping and backtrack_steps."""
+    params = list(meta.parameters())
+    objective_at = lambda prm: sum(e[1](prm) for e in entries) / len(entries)  # noqa: E731
+    grad = flat_grad(objective_at(None), params)
+    if not torch.isfinite(grad).all():
+        raise FloatingPointError(f"meta-training iteration {n}: the meta-gradient has non-finite entries")
+    states = [e[2].obs[e[2].alive] for e in entries]
+    weights = [e[2].visitation()[e[2].alive] / len(entries) for e in entries]
+    obs, w = torch.cat(states), torch.cat(weights)
+    with torch.no_grad():
+        reference = meta.distribution(obs)
+    phi = meta.flat()
+
+    def objective(flat: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(objective_at(meta.unflatten(flat)))
+
+    def kl(flat: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float((w * meta.kl(obs, reference, meta.unflatten(flat))).sum())
+
+    step = trpo_step(phi, grad.detach(), fisher_vector_product(meta, obs, w), objective, kl, settings.max_kl,
+                     cg_iters=settings.cg_iters, damping=settings.cg_damping, backtrack_steps=settings.backtrack_steps)
+    meta.load_flat(step.params)
+    return step, float(grad.norm())
 
 
 def batch_record(stats: dict[str, list]) -> dict[str, Any]:
@@ -151,6 +206,6 @@ def batch_record(stats: dict[str, list]) -> dict[str, Any]:
         "batch_cost": np.max(stats["cost"], axis=0) if stats["cost"] else nan_p,
         "batch_meta_reward": float(np.mean(stats["meta_reward"])),
         "batch_meta_cost": np.max(stats["meta_cost"], axis=0),
-        "batch_u": np.mean(stats["u"], axis=0) if stats["u"] else nan_p,
+        "batch_u": np.nanmean(stats["u"], axis=0) if stats["u"] else nan_p,   # NaN: a recovery step
         "batch_adapt_kl": float(np.mean(stats["kl"])) if stats["kl"] else np.nan,
     }

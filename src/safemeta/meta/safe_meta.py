@@ -3,7 +3,9 @@
 Per iteration (lines 1-14):
 - draw `tasks_per_iteration` training tasks; on each, roll out the meta-policy pi_phi (line 3)
   and estimate its constrained cost J_c;
-- a task within d + delta (line 4) is adapted by the sampled A^s (Alg. 3, line 5), the adapted
+- a task within d + delta (line 4; its cost estimate plus the operator's margin of kappa
+  standard errors, so the meta-policy is pushed to be safe with the same margin its adaptations
+  aim at) is adapted by the sampled A^s (Alg. 3, line 5), the adapted
   policy is rolled out (line 6) and contributes the meta-gradient of line 7,
       (1/N) sum_{n,t} gamma^t [grad f_phi(s_t, a_t) - E_{a~pi^tau}[grad f_phi(s_t, a)]] (Q^tau_t - b_t),
   at the adapted policy's samples, f_phi = log pi_phi. Centring the score (the expectation is
@@ -12,6 +14,11 @@ Per iteration (lines 1-14):
   the paper, the eta^-1 grad Qbar term of eq. (6) is dropped (it needs grad_phi Q^{pi_phi} at
   the adapted policy's samples);
 - a task that violates (lines 10-11) contributes minus the gradient of its most violated J_c.
+- `constrain_adapted` (beyond the paper): a task whose one-step adapted policy (line 6) exceeds
+  d + delta by the same margin contributes, in place of its meta-gradient, minus the first-order
+  gradient of that policy's J_c in phi, so the meta-policy is kept where one adaptation stays
+  safe (problem (2) with the adapted policy's constraint, as Meta-CPO's meta-constraint).
+- `meta_gradient: full` adds to line 7 the grad u* term of Prop. 3 (`with_multiplier_term`).
 The per-task directions combine as in the exact Alg. 2 (`switch`: "any" makes the step a pure
 cost step when any task of the batch violates; "per_task" averages every task's branch), and
 one TRPO step (lines 8/12) follows: Fisher and mean KL of the meta-policy on the batch's own
@@ -30,12 +37,13 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import torch
 
+from ..adaptation.base import Step
 from ..adaptation.dual_pgd import as_vector
-from ..optim import fisher_vector_product, flat_grad, trpo_step
 from ..policies import NeuralPolicy, policy_from_checkpoint
 from ..registry import OptionError
 from ..rollout import Batch, derived_seed, time_baseline
-from .base import BATCH_VARS, N_VIOLATING, TRPO_STEP_VARS, MetaLearner, batch_record, evaluate_one_step
+from .base import (BATCH_VARS, N_VIOLATING, TRPO_STEP_VARS, MetaLearner, batch_record, crpo_switch, evaluate_one_step,
+                   trpo_meta_step)
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,7 @@ class SampledMetaTrainSettings:
     sections: ClassVar[tuple[str, ...]] = ("metatrain",)
 
     meta_gradient: str
+    constrain_adapted: bool
     iterations: int
     tasks_per_iteration: int
     switch: str
@@ -71,14 +80,16 @@ def _samples(batch: Batch):
     return batch.obs[alive], batch.actions[alive], batch.log_prob[alive]
 
 
-def meta_gradient_surrogate(meta: NeuralPolicy, adapted: NeuralPolicy, adapted_batch: Batch) -> Callable[[dict | None], torch.Tensor]:
-    """params -> sum_{n,t} (gamma^t / N) [rho_params(a|s) + KL(pi^tau || pi_params)(s)] (Q^tau - b)(s, a)
-    on the adapted policy's samples, rho = pi_params / pi_phi. Its gradient at phi is Alg. 4
-    line 7 with the centred score (module doc); its value drives the TRPO line search."""
+def _adapted_surrogate(meta: NeuralPolicy, adapted: NeuralPolicy, adapted_batch: Batch, values: torch.Tensor,
+                       weight: torch.Tensor) -> Callable[[dict | None], torch.Tensor]:
+    """params -> sum weight [rho_params(a|s) + KL(pi^tau || pi_params)(s)] (values - b)(s, a) on
+    the adapted policy's samples, rho = pi_params / pi_phi: at phi, its gradient is the
+    first-order (line 7) gradient of the adapted policy's return of `values` w.r.t. phi, with
+    the score centred under pi^tau (module doc); its value drives the TRPO line search."""
     obs, actions, _ = _samples(adapted_batch)
     alive = adapted_batch.alive
-    weight = adapted_batch.discount[alive] / adapted_batch.num_rollouts
-    adv = (adapted_batch.q_reward - time_baseline(adapted_batch.q_reward, alive))[alive]
+    adv = (values - time_baseline(values, alive))[alive]
+    weight = weight[alive] / adapted_batch.num_rollouts
     with torch.no_grad():
         logp_phi = meta.log_prob(obs, actions)
         tau_dist = adapted.distribution(obs)
@@ -88,6 +99,38 @@ def meta_gradient_surrogate(meta: NeuralPolicy, adapted: NeuralPolicy, adapted_b
         return (weight * (ratio + meta.kl(obs, tau_dist, params)) * adv).sum()
 
     return surrogate
+
+
+def meta_gradient_surrogate(meta: NeuralPolicy, adapted: NeuralPolicy, adapted_batch: Batch) -> Callable[[dict | None], torch.Tensor]:
+    """Alg. 4 line 7: sum_{n,t} (gamma^t / N) [rho + KL] (Q^tau - b) on the adapted samples."""
+    return _adapted_surrogate(meta, adapted, adapted_batch, adapted_batch.q_reward, adapted_batch.discount)
+
+
+def adapted_cost_surrogate(meta: NeuralPolicy, adapted: NeuralPolicy, adapted_batch: Batch, i: int):
+    """The same for J_ci of the adapted policy (constraint_gamma^t weights, cost-to-go)."""
+    return _adapted_surrogate(meta, adapted, adapted_batch, adapted_batch.cost_to_go[..., i],
+                              adapted_batch.constraint_discount)
+
+
+def with_multiplier_term(meta: NeuralPolicy, adapted: Step, adapted_batch: Batch,
+                         surrogate: Callable[[dict | None], torch.Tensor]) -> Callable[[dict | None], torch.Tensor]:
+    """`meta_gradient: full`: line 7 plus the term the paper drops, dJ/du* du*/dphi.
+
+    On the constraints active at u* the adapted step satisfies predicted(u*, phi) = limit, so by
+    the implicit function theorem du*_A/dphi = -M_AA^-1 c_A, with M = d predicted / du (the
+    step model's `Sensitivity`) and c_i = d predicted_i / dphi taken, as line 7 takes dJ/dphi,
+    at first order: the gradient of J_ci(pi^tau) in phi (`adapted_cost_surrogate`). With
+    s_j = v' d dtheta / du_j, v the line-7 vector, the term is -(M_AA^-T s_A)' c_A.
+    """
+    sens = adapted.result.sensitivity
+    active = np.flatnonzero(sens.active) if sens is not None else np.array([], dtype=int)
+    if active.size == 0:
+        return surrogate
+    v = flat_grad(surrogate(None), list(meta.parameters()))
+    s = np.array([float(v @ sens.dtheta_du[j]) for j in active])
+    w = np.linalg.solve(sens.dpred_du[np.ix_(active, active)].T, s)
+    costs = [adapted_cost_surrogate(meta, adapted.policy, adapted_batch, int(j)) for j in active]
+    return lambda params: surrogate(params) - sum(float(wk) * c(params) for wk, c in zip(w, costs))
 
 
 def cost_surrogate(meta: NeuralPolicy, batch: Batch, i: int) -> Callable[[dict | None], torch.Tensor]:
@@ -120,10 +163,10 @@ class SampledSafeMeta(MetaLearner):
     record_vars = {**BATCH_VARS, "n_violating": N_VIOLATING, **TRPO_STEP_VARS}
 
     @classmethod
-    def check_options(cls, settings: SampledMetaTrainSettings) -> None:
-        if settings.meta_gradient != "first_order":
+    def check_options(cls, settings: SampledMetaTrainSettings, given: frozenset[str] = frozenset()) -> None:
+        if settings.meta_gradient not in ("first_order", "full"):
             raise OptionError("meta_gradient", f"meta_gradient {settings.meta_gradient!r} is not available on sampled "
-                              f"scenarios (available: first_order, Alg. 4 line 7)")
+                              f"scenarios (available: first_order, Alg. 4 line 7; full, with the grad u* term)")
 
     def initial_state(self) -> SampledMetaTrainState:
         """A freshly initialised meta-policy (weights from a generator of the seed)."""
@@ -166,56 +209,38 @@ class SampledSafeMeta(MetaLearner):
             J_c = meta_obs.cost
             batch_stats["meta_reward"].append(meta_obs.reward)
             batch_stats["meta_cost"].append(J_c)
-            violation = J_c - on_task.limits - as_vector(adapt.settings.delta, len(J_c), "delta")
+            violation = (J_c + adapt.settings.kappa * meta_obs.cost_se - on_task.limits
+                         - as_vector(adapt.settings.delta, len(J_c), "delta"))
             if (violation <= 0).all():                                                     # line 4
-                res = adapt.step(on_task, meta, meta_obs).result                               # line 5
-                _check(n, "adaptation KL", res.kl, settings.kl_limit, k)
-                adapted_obs = adapt.observe(on_task, res.policy, derived_seed(task_seed, 1))  # line 6
+                adapted = adapt.step(on_task, meta, meta_obs)                                  # line 5
+                _check(n, "adaptation KL", adapted.kl, settings.kl_limit, k)
+                adapted_obs = adapt.observe(on_task, adapted.policy, derived_seed(task_seed, 1))  # line 6
                 t_sampling += adapted_obs.time_sampling
-                entries.append(("meta", meta_gradient_surrogate(meta, res.policy, adapted_obs.data), meta_obs.data))
+                overshoot = (adapted_obs.cost + adapt.settings.kappa * adapted_obs.cost_se - on_task.limits
+                             - as_vector(adapt.settings.delta, len(J_c), "delta"))
+                if settings.constrain_adapted and (overshoot > 0).any():   # lower J_c(A^s(pi_phi)) instead
+                    i = int(np.argmax(overshoot))
+                    lowers = adapted_cost_surrogate(meta, adapted.policy, adapted_obs.data, i)
+                    entries.append(("cost", lambda prm, f=lowers: -f(prm), meta_obs.data))
+                else:
+                    surrogate = meta_gradient_surrogate(meta, adapted.policy, adapted_obs.data)
+                    if settings.meta_gradient == "full":
+                        surrogate = with_multiplier_term(meta, adapted, adapted_obs.data, surrogate)
+                    entries.append(("meta", surrogate, meta_obs.data))
                 batch_stats["reward"].append(adapted_obs.reward)
                 batch_stats["cost"].append(adapted_obs.cost)
-                batch_stats["u"].append(res.u)
-                batch_stats["kl"].append(res.kl)
+                batch_stats["u"].append(adapted.u)
+                batch_stats["kl"].append(adapted.kl)
             else:                                                                          # lines 10-11
                 entries.append(("cost", cost_surrogate(meta, meta_obs.data, int(np.argmax(violation))), meta_obs.data))
         n_violating = sum(e[0] == "cost" for e in entries)
-        if settings.switch == "any" and n_violating:
-            entries = [e for e in entries if e[0] == "cost"]
-        step, grad_norm = _trpo_meta_step(meta, entries, settings, n)
+        entries = [entries[j] for j in crpo_switch([e[0] for e in entries], settings.switch)]
+        step, grad_norm = trpo_meta_step(meta, entries, settings, n)
         record.update(batch_record(batch_stats), n_violating=n_violating, step_accepted=step.accepted,
                       step_kl=step.kl, step_improvement=step.improvement, grad_norm=grad_norm)
         record["time_sampling"], record["time_compute"] = t_sampling, time.perf_counter() - start - t_sampling
         state.records.append(record)
         state.iteration, state.policy = n + 1, meta.to_checkpoint()
-
-
-def _trpo_meta_step(meta: NeuralPolicy, entries: list, settings: SampledMetaTrainSettings, n: int):
-    """One TRPO step on the mean of the entries' surrogates (lines 8 / 12)."""
-    params = list(meta.parameters())
-    objective_at = lambda prm: sum(e[1](prm) for e in entries) / len(entries)  # noqa: E731
-    grad = flat_grad(objective_at(None), params)
-    if not torch.isfinite(grad).all():
-        raise FloatingPointError(f"meta-training iteration {n}: the meta-gradient has non-finite entries")
-    states = [_samples(e[2])[0] for e in entries]
-    weights = [e[2].visitation()[e[2].alive] / len(entries) for e in entries]
-    obs, w = torch.cat(states), torch.cat(weights)
-    with torch.no_grad():
-        reference = meta.distribution(obs)
-    phi = meta.flat()
-
-    def objective(flat: torch.Tensor) -> float:
-        with torch.no_grad():
-            return float(objective_at(meta.unflatten(flat)))
-
-    def kl(flat: torch.Tensor) -> float:
-        with torch.no_grad():
-            return float((w * meta.kl(obs, reference, meta.unflatten(flat))).sum())
-
-    step = trpo_step(phi, grad.detach(), fisher_vector_product(meta, obs, w), objective, kl, settings.max_kl,
-                     cg_iters=settings.cg_iters, damping=settings.cg_damping, backtrack_steps=settings.backtrack_steps)
-    meta.load_flat(step.params)
-    return step, float(grad.norm())
 
 
 def _check(n: int, name: str, value: float, limit: float, task: int) -> None:
@@ -224,3 +249,4 @@ def _check(n: int, name: str, value: float, limit: float, task: int) -> None:
     if value > limit:
         raise FloatingPointError(f"meta-training iteration {n}: {name} {value:.3g} exceeds kl_limit {limit:g} "
                                  f"on training task {task} (raise lam / lam_c or lower the step)")
+

@@ -33,21 +33,26 @@ With one task per iteration both are Alg. 2 exactly. One TRPO step (line 8/12) f
 visitation distributions, the mean KL over the batch as the trust region, and the exact batch
 objective (mean of J_tau(A^s(pi_phi)) for the first kind of task and -J_{c_i,tau}(pi_phi) for
 the second) for the line search's improvement check.
+
+`constrain_adapted` (beyond the paper): a task whose one-step adapted policy violates d + delta
+takes, in place of its meta-gradient, a step that lowers that policy's cost J_ci(A^s(pi_phi))
+(the meta-gradient of the cost, of the same kind), so problem (2) also constrains the adapted
+policy. `meta_gradient` kinds apply to it as to the reward.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from ..adaptation.dual_pgd import AdaptResult, ExactAdaptationSettings, adapted_logits, as_vector, dual_gradient
-from ..optim import trpo_step
+from ..optim import mean_kl, softmax_fisher_vector_product, trpo_step
 from ..policies import TabularSoftmaxPolicy
 from ..tasks.tabular import TabularCMDP, evaluate, evaluate_torch
-from .base import N_VIOLATING, TRPO_STEP_VARS, MetaLearner, evaluate_one_step
+from .base import N_VIOLATING, TRPO_STEP_VARS, MetaLearner, crpo_switch, evaluate_one_step
 
 META_GRADIENTS = ("eq6", "full", "first_order")
 AdaptationSettings = ExactAdaptationSettings
@@ -61,8 +66,9 @@ class MetaGradient:
 
 
 def meta_gradient(cmdp: TabularCMDP, logits: np.ndarray, adaptation: ExactAdaptationSettings,
-                  kind: str = "eq6") -> MetaGradient:
-    """Meta-gradient of J_tau(A^s(pi_phi)) w.r.t. the logits phi, of the given kind (module doc)."""
+                  kind: str = "eq6", signal: int = 0) -> MetaGradient:
+    """Meta-gradient of J_tau(A^s(pi_phi)) w.r.t. the logits phi, of the given kind (module doc);
+    `signal` i > 0: of the adapted policy's cost J_c(i-1) instead of its reward."""
     if kind not in META_GRADIENTS:
         raise ValueError(f"meta_gradient must be one of {META_GRADIENTS}, got {kind!r}")
     res = adaptation.adapt(cmdp, logits)
@@ -74,14 +80,16 @@ def meta_gradient(cmdp: TabularCMDP, logits: np.ndarray, adaptation: ExactAdapta
     if kind == "first_order":  # Alg. 4 line 7 with exact nu^tau, pi^tau, A^tau
         log_pu = torch.from_numpy(res.logits)
         ev_tau = evaluate_torch(cmdp, log_pu.exp())
-        surrogate = (ev_tau.nu[:, None] * log_pu.exp() * ev_tau.A * log_pi).sum() / (1.0 - gamma)
+        A_tau, J_tau = (ev_tau.A, ev_tau.J) if signal == 0 else (ev_tau.Ac[signal - 1], ev_tau.Jc[signal - 1])
+        surrogate = (ev_tau.nu[:, None] * log_pu.exp() * A_tau * log_pi).sum() / (1.0 - gamma)
         grad = torch.autograd.grad(surrogate, phi)[0]
-        return MetaGradient(float(ev_tau.J), grad.numpy(), res)
+        return MetaGradient(float(J_tau), grad.numpy(), res)
 
     ev = evaluate_torch(cmdp, log_pi.exp())
     u = torch.tensor(res.u, dtype=torch.float64, requires_grad=(kind == "full"))
     log_pu = adapted_logits(log_pi, ev.A, ev.Ac, u, adaptation.lam, lam_c, gamma)  # eq. (3)
-    J = evaluate_torch(cmdp, log_pu.exp()).J
+    adapted_eval = evaluate_torch(cmdp, log_pu.exp())
+    J = adapted_eval.J if signal == 0 else adapted_eval.Jc[signal - 1]
     if kind == "eq6" or not (res.u > 0).any():
         grad = torch.autograd.grad(J, phi)[0]
         return MetaGradient(float(J.detach()), grad.numpy(), res)
@@ -105,25 +113,6 @@ def cost_gradient(cmdp: TabularCMDP, logits: np.ndarray, i: int) -> tuple[float,
     return float(Jc.detach()), torch.autograd.grad(Jc, phi)[0].numpy()
 
 
-def softmax_fisher_vector_product(probs: np.ndarray, weights: np.ndarray) -> Callable[[torch.Tensor], torch.Tensor]:
-    """v -> F v for a tabular softmax: F = sum_s w(s) (diag pi_s - pi_s pi_s^T), v flat [S*A]."""
-    pi = torch.from_numpy(probs)
-    w = torch.from_numpy(weights)[:, None]
-
-    def fvp(v: torch.Tensor) -> torch.Tensor:
-        v = v.reshape(pi.shape)
-        return (w * pi * (v - (pi * v).sum(-1, keepdim=True))).reshape(-1)
-
-    return fvp
-
-
-def mean_kl(old_probs: np.ndarray, weights: np.ndarray, new_logits: np.ndarray) -> float:
-    """sum_s w(s) KL(pi_old(.|s) || pi_new(.|s)) (w sums to 1 for a visitation distribution)."""
-    log_new = new_logits - np.logaddexp.reduce(new_logits, axis=-1, keepdims=True)
-    log_old = np.log(np.clip(old_probs, 1e-300, None))
-    return float((weights * (old_probs * (log_old - log_new)).sum(-1)).sum())
-
-
 # --------------------------------------------------------------------------- meta-training
 @dataclass(frozen=True)
 class MetaTrainSettings:
@@ -133,6 +122,7 @@ class MetaTrainSettings:
     sections: ClassVar[tuple[str, ...]] = ("metatrain",)
 
     meta_gradient: str
+    constrain_adapted: bool
     iterations: int
     tasks_per_iteration: int
     switch: str
@@ -205,15 +195,21 @@ class ExactSafeMeta(MetaLearner):
             violation = ev.Jc - cmdp.d - as_vector(adaptation.delta, cmdp.num_constraints, "delta")
             if (violation <= 0).all():                                     # line 4
                 g = meta_gradient(cmdp, logits, adaptation, settings.meta_gradient)
-                grads.append(g.grad)                                       # line 7
-                branches.append(("meta", k, -1))
+                overshoot = evaluate(cmdp, np.exp(g.adapt.logits)).Jc - cmdp.d - as_vector(adaptation.delta,
+                                                                                           cmdp.num_constraints, "delta")
+                if settings.constrain_adapted and (overshoot > 0).any():  # lower J_c(A^s(pi_phi)) instead
+                    i = int(np.argmax(overshoot))
+                    grads.append(-meta_gradient(cmdp, logits, adaptation, settings.meta_gradient, signal=i + 1).grad)
+                    branches.append(("adapted_cost", k, i))
+                else:
+                    grads.append(g.grad)                                   # line 7
+                    branches.append(("meta", k, -1))
             else:
                 i = int(np.argmax(violation))                              # line 10
                 grads.append(-cost_gradient(cmdp, logits, i)[1])           # line 11 (descent on J_ci)
                 branches.append(("cost", k, i))
-        if settings.switch == "any" and any(b[0] == "cost" for b in branches):
-            keep = [j for j, b in enumerate(branches) if b[0] == "cost"]
-            grads, branches, nus = [grads[j] for j in keep], [branches[j] for j in keep], [nus[j] for j in keep]
+        keep = crpo_switch([b[0] for b in branches], settings.switch)
+        grads, branches, nus = [grads[j] for j in keep], [branches[j] for j in keep], [nus[j] for j in keep]
         grad = np.mean(grads, axis=0)
         if not np.isfinite(grad).all():
             raise FloatingPointError(f"meta-training iteration {n}: the meta-gradient has non-finite entries")
@@ -225,6 +221,9 @@ class ExactSafeMeta(MetaLearner):
                 if branch == "meta":
                     res = adaptation.adapt(train[k], new)
                     values.append(evaluate(train[k], np.exp(res.logits)).J)
+                elif branch == "adapted_cost":
+                    res = adaptation.adapt(train[k], new)
+                    values.append(-evaluate(train[k], np.exp(res.logits)).Jc[i])
                 else:
                     values.append(-evaluate(train[k], np.exp(new - np.logaddexp.reduce(new, -1, keepdims=True))).Jc[i])
             return float(np.mean(values))
@@ -235,7 +234,7 @@ class ExactSafeMeta(MetaLearner):
                          lambda flat: mean_kl(probs, weights, flat.reshape(logits.shape).numpy()),
                          settings.max_kl, cg_iters=settings.cg_iters, damping=settings.cg_damping,
                          backtrack_steps=settings.backtrack_steps)                  # lines 8 / 12
-        record.update(n_violating=sum(b[0] == "cost" for b in branches), step_accepted=step.accepted,
+        record.update(n_violating=sum(b[0] != "meta" for b in branches), step_accepted=step.accepted,
                       step_kl=step.kl, step_improvement=step.improvement, grad_norm=float(np.linalg.norm(grad)),
                       time_compute=time.perf_counter() - t0)
         state.records.append(record)

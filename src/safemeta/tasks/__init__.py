@@ -10,7 +10,7 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-from .base import BatchEnv, StepResult, Task, TaskDistribution, TaskParamError
+from .base import BatchEnv, BatchEnvError, StepResult, Task, TaskDistribution, TaskParamError
 
 # name -> "module:ClassName" (relative to safemeta.tasks)
 _REGISTRY: dict[str, str] = {
@@ -23,6 +23,9 @@ _REGISTRY: dict[str, str] = {
     "point_circle": "navigation:PointCircleDistribution",
     "car_circle_hazard": "navigation:CarCircleHazardDistribution",
     "point_button": "navigation:PointButtonDistribution",
+    "sg_point_circle": "sg_navigation:SGPointCircleDistribution",
+    "sg_car_circle_hazard": "sg_navigation:SGCarCircleHazardDistribution",
+    "sg_point_button": "sg_navigation:SGPointButtonDistribution",
     "function_env": "differentiable:FunctionEnvDistribution",
     "function_env_floor": "differentiable:FunctionEnvFloorDistribution",
     "cartpole_pos": "differentiable:CartPolePosDistribution",
@@ -65,6 +68,6 @@ def get_distribution(name: str, **options: Any) -> TaskDistribution:
 
 
 __all__ = [
-    "BatchEnv", "StepResult", "Task", "TaskDistribution", "TaskParamError",
+    "BatchEnv", "BatchEnvError", "StepResult", "Task", "TaskDistribution", "TaskParamError",
     "distribution_class", "distribution_names", "get_distribution", "module_file", "register",
 ]

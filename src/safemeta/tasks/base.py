@@ -28,6 +28,11 @@ class TaskParamError(ValueError):
     """A task's parameters are invalid; the message names the parameter and the task."""
 
 
+class BatchEnvError(RuntimeError):
+    """A batched environment cannot be built or stepped for a reason outside its parameters (an
+    external simulator is missing, died or did not answer); the message says what to do."""
+
+
 @dataclass(frozen=True)
 class Task:
     """One task: the scenario (registry name) it belongs to and its parameters."""

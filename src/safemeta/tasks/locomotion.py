@@ -34,6 +34,13 @@ controls; costs use it).
 Horizon 200 (option `horizon`). d is the paper's value at horizon 200 and scales linearly with a
 shorter horizon, keeping the per-step budget (option `cost_limit` sets it directly instead).
 Option `sim_threads` sets the physics threads (default: usable CPUs, at most 4).
+
+half_cheetah_vel is also "differentiable" (kinds): a `step` whose actions require grad (torch,
+grad mode on) carries gradients through the physics by MuJoCo's finite-difference transition
+Jacobians (`mujoco_batch.FDTransition`; state x = (qpos, qvel), nq = nv), with observation,
+reward and cost computed in torch from that state; `detach()` cuts the graph. Each such step
+costs frame_skip mjd_transitionFD calls more than a plain one. Steps without gradients are the
+plain numpy steps.
 """
 from __future__ import annotations
 
@@ -46,11 +53,12 @@ from typing import Any
 import gymnasium
 import mujoco
 import numpy as np
+import torch
 from gymnasium import spaces
 
 from . import params as P
 from .base import StepResult, Task
-from .mujoco_batch import BatchSim, EpisodeClock, as_numpy_actions
+from .mujoco_batch import BatchSim, EpisodeClock, FDTransition, as_numpy_actions
 
 PAPER_HORIZON = 200
 CHEETAH_HEAD_H0 = 0.65
@@ -97,6 +105,7 @@ class LocomotionDistribution(P.ScaledLimitDistribution):
 
 class HalfCheetahVelDistribution(LocomotionDistribution):
     name, xml, frame_skip, paper_d = "half_cheetah_vel", "half_cheetah.xml", 5, 10.0
+    kinds = ("sampled", "differentiable")   # gradients: MuJoCo's finite-difference Jacobians (module doc)
 
     def _draw(self, rng: np.random.Generator) -> dict[str, Any]:
         return {"goal_velocity": rng.uniform(0.0, 2.0)}
@@ -176,9 +185,18 @@ class LocomotionEnv:
     def reset(self) -> Any:
         qpos, qvel = self._initial_state()
         self.sim.set_state(np.arange(self.num_envs), qpos, qvel)
+        self._state = None
         return self.clock.reset(self._obs())
 
+    def detach(self) -> None:
+        """Stop gradients from flowing back past the current state (differentiable steps)."""
+        if self._state is not None:
+            self._state = self._state.detach()
+
     def step(self, actions: Any) -> StepResult:
+        if isinstance(actions, torch.Tensor) and actions.requires_grad and torch.is_grad_enabled():
+            return self._differentiable_step(actions)
+        self._state = None
         a = as_numpy_actions(actions, self.num_envs, self._low, self._high)
         active = ~self.clock.done
         before = self._position().copy()
@@ -187,10 +205,38 @@ class LocomotionEnv:
         self._after_physics(active)
         return self.clock.finish(self._obs(), self._reward(velocity), self._cost(a), self._failed())
 
+    def _differentiable_step(self, actions: torch.Tensor) -> StepResult:
+        """One step whose outputs carry gradients to the actions and the state (module doc)."""
+        nq = self.model.nq
+        if nq != self.model.nv or self.model.na:
+            raise ValueError(f"{type(self).__name__}: differentiable steps need nq == nv and no actuator state")
+        if self._state is None:
+            self._state = torch.from_numpy(np.concatenate([self.sim.qpos, self.sim.qvel], 1)).to(self.device)
+        low, high = (torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in (self._low, self._high))
+        a = torch.maximum(torch.minimum(actions.to(torch.float64), high), low)
+        if not torch.isfinite(a).all():
+            raise ValueError("actions contain NaN or inf")
+        was_done = torch.from_numpy(self.clock.done.copy()).to(self.device)
+        jac_a, jac_b = self.sim.step_jacobians(a.detach().cpu().numpy(), ~self.clock.done)
+        after = torch.from_numpy(np.concatenate([self.sim.qpos, self.sim.qvel], 1)).to(self.device)
+        before = self._state
+        self._state = FDTransition.apply(before, a, *(torch.from_numpy(j).to(self.device) for j in (jac_a, jac_b)), after)
+        velocity = (self._state[:, 0] - before[:, 0]) / self.sim.dt
+        reward, cost = self._torch_reward(velocity), self._torch_cost(self._state[:, :nq], a)
+        zero = torch.zeros_like(reward)
+        reward, cost = torch.where(was_done, zero, reward), torch.where(was_done, zero, cost)
+        obs = self._torch_obs(self._state[:, :nq], self._state[:, nq:]).to(torch.float32)
+        self.clock.done |= self._failed()
+        self.clock.t += 1
+        return StepResult(obs=obs, reward=reward.to(torch.float32), cost=cost.to(torch.float32)[:, None],
+                          terminated=torch.from_numpy(self.clock.done.copy()).to(self.device),
+                          truncated=torch.full((self.num_envs,), self.clock.t >= self.horizon, device=self.device))
+
     def set_state(self, qpos: np.ndarray, qvel: np.ndarray) -> Any:
         """Put every copy at a hand-built state (tests, diagnostics); returns the observation."""
         self.sim.set_state(np.arange(self.num_envs), np.broadcast_to(qpos, (self.num_envs, self.model.nq)),
                            np.broadcast_to(qvel, (self.num_envs, self.model.nv)))
+        self._state = None
         return self.clock.reset(self._obs())
 
     def close(self) -> None:
@@ -215,6 +261,16 @@ class LocomotionEnv:
     def _after_physics(self, active: np.ndarray) -> None:
         pass
 
+    # the same in torch, for differentiable steps (tasks that are "differentiable" define them)
+    def _torch_obs(self, qpos: torch.Tensor, qvel: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no differentiable steps")
+
+    def _torch_reward(self, velocity: torch.Tensor) -> torch.Tensor:
+        return -torch.abs(velocity - self.params["goal_velocity"])
+
+    def _torch_cost(self, qpos: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no differentiable steps")
+
 
 class HalfCheetahVelEnv(LocomotionEnv):
     reset_noise = 0.1
@@ -230,17 +286,24 @@ class HalfCheetahVelEnv(LocomotionEnv):
         qpos, _ = super()._initial_state()  # gymnasium: velocity noise is Gaussian for the cheetah
         return qpos, self.reset_noise * self.rng.standard_normal((self.num_envs, self.model.nv))
 
-    def head_height(self, qpos: np.ndarray) -> np.ndarray:
-        """World z of the head geom centre: torso at (rootx, torso_z + rootz), pitched by rooty."""
+    def head_height(self, qpos, lib: Any = np):
+        """World z of the head geom centre: torso at (rootx, torso_z + rootz), pitched by rooty
+        (`lib`: numpy for arrays, torch for tensors)."""
         gx, gz = self._head_xz
         pitch = qpos[:, 2]
-        return self._torso_z + qpos[:, 1] - np.sin(pitch) * gx + np.cos(pitch) * gz
+        return self._torso_z + qpos[:, 1] - lib.sin(pitch) * gx + lib.cos(pitch) * gz
 
     def _obs(self) -> np.ndarray:
         return np.concatenate([self.sim.qpos[:, 1:], self.sim.qvel], axis=1)
 
     def _cost(self, a: np.ndarray) -> np.ndarray:
         return np.maximum(0.0, self.head_height(self.sim.qpos) - CHEETAH_HEAD_H0)
+
+    def _torch_obs(self, qpos: torch.Tensor, qvel: torch.Tensor) -> torch.Tensor:
+        return torch.cat([qpos[:, 1:], qvel], dim=1)
+
+    def _torch_cost(self, qpos: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(self.head_height(qpos, torch) - CHEETAH_HEAD_H0, min=0.0)
 
 
 class HopperVelEnv(LocomotionEnv):

@@ -8,12 +8,18 @@ cost and observation code is vectorised over copies. Measured on the project's 2
 one MjData, the same as `mujoco.rollout` (which also zeroes the solver warm start at every call
 and stops a copy at the first MuJoCo warning); per-copy MjData keeps gymnasium's exact stepping.
 
-Sensor values are those MuJoCo computed inside the last physics substep (before its
-integration: at most one substep old, as in any env that skips an extra mj_forward); after
-`set_state` they are exact (mj_forward).
+Sensor values: with `forward=True`, BatchSim runs mj_forward after the substeps of an env step,
+so sensors and derived quantities describe the state after stepping (as Safety-Gymnasium does);
+otherwise they are those MuJoCo computed inside the last substep, before its integration (one
+substep old, as gymnasium's MuJoCo envs give them). After `set_state` they are exact (mj_forward).
 
 `EpisodeClock` is the BatchEnv bookkeeping the MuJoCo families share: step counter, which copies
 have terminated (they stay frozen with zero reward and cost until reset), tensor conversion.
+
+Gradients (a differentiable step, for tasks that offer one): `BatchSim.step_jacobians` steps and
+returns MuJoCo's finite-difference transition Jacobians of every copy (mjd_transitionFD per
+substep, chained over the frame skip); `FDTransition` turns them into an autograd function, so
+a torch graph of state and controls passes through the simulator.
 """
 from __future__ import annotations
 
@@ -41,16 +47,17 @@ class BatchSim:
     """N MjData copies of `model`, stepped `frame_skip` substeps per env step.
 
     `buffers[name]` is `[N, *shape]` for each MjData field in `fields` (qpos and qvel are always
-    gathered). `post_constraint` runs mj_rnePostConstraint after stepping (fills cfrc_ext).
+    gathered). `post_constraint` runs mj_rnePostConstraint after stepping (fills cfrc_ext);
+    `forward` runs mj_forward after stepping (fresh sensors, positions and contacts).
     """
 
     def __init__(self, model: mujoco.MjModel, num_envs: int, frame_skip: int, threads: int | None = None,
-                 fields: Sequence[str] = (), post_constraint: bool = False) -> None:
+                 fields: Sequence[str] = (), post_constraint: bool = False, forward: bool = False) -> None:
         self.model, self.num_envs, self.frame_skip = model, int(num_envs), int(frame_skip)
         self.dt = model.opt.timestep * self.frame_skip
         threads = default_threads() if threads is None else int(threads)
         self.threads = max(1, min(threads, self.num_envs))
-        self.post_constraint = bool(post_constraint)
+        self.post_constraint, self.forward = bool(post_constraint), bool(forward)
         fields = ("qpos", "qvel") + tuple(f for f in fields if f not in ("qpos", "qvel"))
         self.datas = [mujoco.MjData(model) for _ in range(self.num_envs)]
         self._ctrl_views = [d.ctrl for d in self.datas]
@@ -91,11 +98,14 @@ class BatchSim:
 
     def _run(self, lo: int, hi: int, ctrl: np.ndarray, active: np.ndarray) -> None:
         m, fs, post, step, buffers = self.model, self.frame_skip, self.post_constraint, mujoco.mj_step, self.buffers
+        forward = self.forward
         for i in range(lo, hi):
             if active[i]:
                 d = self.datas[i]
                 self._ctrl_views[i][:] = ctrl[i]
                 step(m, d, nstep=fs)
+                if forward:
+                    mujoco.mj_forward(m, d)
                 if post:
                     mujoco.mj_rnePostConstraint(m, d)
                 for name, view in self._views[i]:
@@ -110,6 +120,48 @@ class BatchSim:
         futures = [self._executor.submit(self._run, lo, hi, ctrl, active) for lo, hi in self._chunks]
         for f in futures:
             f.result()
+
+    def step_jacobians(self, ctrl: np.ndarray, active: np.ndarray | None = None, eps: float = 1e-6,
+                       centered: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """`step`, also returning each copy's transition Jacobians of the whole env step:
+        A = dx'/dx [N, n, n] and B = dx'/dctrl [N, n, nu], x = (qpos tangent, qvel, act), n = 2 nv + na.
+
+        Per physics substep MuJoCo's finite differences (mjd_transitionFD, at the substep's state
+        and the env step's controls) give (A_i, B_i); over frame_skip substeps with the control
+        held, A = A_k ... A_1 and B = sum_i A_k ... A_{i+1} B_i. Copies not active keep A = I, B = 0.
+        """
+        active = np.ones(self.num_envs, bool) if active is None else active
+        n, nu = 2 * self.model.nv + self.model.na, self.model.nu
+        jac_a = np.broadcast_to(np.eye(n), (self.num_envs, n, n)).copy()
+        jac_b = np.zeros((self.num_envs, n, nu))
+        work = [(lo, hi, ctrl, active, jac_a, jac_b, eps, centered) for lo, hi in self._chunks]
+        if self._executor is None:
+            for args in work:
+                self._run_jacobians(*args)
+        else:
+            for f in [self._executor.submit(self._run_jacobians, *args) for args in work]:
+                f.result()
+        return jac_a, jac_b
+
+    def _run_jacobians(self, lo: int, hi: int, ctrl: np.ndarray, active: np.ndarray, jac_a: np.ndarray,
+                       jac_b: np.ndarray, eps: float, centered: bool) -> None:
+        m, post, buffers = self.model, self.post_constraint, self.buffers
+        n = 2 * m.nv + m.na
+        a_sub, b_sub = np.zeros((n, n)), np.zeros((n, m.nu))
+        for i in range(lo, hi):
+            if not active[i]:
+                continue
+            d = self.datas[i]
+            self._ctrl_views[i][:] = ctrl[i]
+            for _ in range(self.frame_skip):
+                mujoco.mjd_transitionFD(m, d, eps, centered, a_sub, b_sub, None, None)
+                jac_b[i] = a_sub @ jac_b[i] + b_sub
+                jac_a[i] = a_sub @ jac_a[i]
+                mujoco.mj_step(m, d)
+            if post:
+                mujoco.mj_rnePostConstraint(m, d)
+            for name, view in self._views[i]:
+                buffers[name][i] = view
 
     def close(self) -> None:
         if self._executor is not None:
@@ -149,6 +201,25 @@ class EpisodeClock:
         truncated = np.full(self.num_envs, self.t >= self.horizon)
         return StepResult(obs=self.tensor(obs.astype(np.float32)), reward=self.tensor(reward), cost=self.tensor(cost),
                           terminated=self.tensor(self.done.copy()), truncated=self.tensor(truncated))
+
+
+class FDTransition(torch.autograd.Function):
+    """x' as a differentiable function of (x, u) whose backward pass multiplies by the
+    finite-difference Jacobians of `BatchSim.step_jacobians`: dL/dx = dL/dx' A, dL/du = dL/dx' B.
+
+    apply(x [N, n], u [N, nu], A [N, n, n], B [N, n, nu], x_next [N, n]) -> x_next (the values the
+    simulator computed, carrying the graph to x and u)."""
+
+    @staticmethod
+    def forward(ctx, state, ctrl, jac_a, jac_b, next_state):
+        ctx.save_for_backward(jac_a, jac_b)
+        return next_state.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        jac_a, jac_b = ctx.saved_tensors
+        g = grad.to(jac_a.dtype)[:, None, :]
+        return (g @ jac_a)[:, 0].to(grad.dtype), (g @ jac_b)[:, 0].to(grad.dtype), None, None, None
 
 
 def as_numpy_actions(actions: Any, num_envs: int, low: np.ndarray, high: np.ndarray) -> np.ndarray:

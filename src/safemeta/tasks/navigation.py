@@ -1,46 +1,53 @@
 """Navigation task distributions (Point-Circle, Car-Circle-Hazard, Point-Button) natively on MuJoCo.
 
-Our own MJCF robots (`assets/point.xml`, `assets/car.xml`) follow Safety-Gymnasium's robots:
-the point has a forward force along its heading (a[0]) and a yaw-rate servo (a[1]); the car
-drives its left (a[0]) and right (a[1]) rear wheel; actions lie in [-1, 1]. Unlike
-Safety-Gymnasium, whose actuators saturate at |a| = 0.05 (point) and 0.02 (car) because of their
-force ranges, ours are linear over the whole range with the same maximum force/torque (point:
-forward force <= 0.015 N, top speed about 1.5 m/s, yaw-rate servo up to 3.3 rad/s; car: wheel torque
-<= 0.02 N m, top speed about 0.8 m/s; the remaining constants are in the XML files). Each task compiles one MjModel (robot + its circle, walls, hazards and buttons as non-colliding
-geoms, so task objects never change the physics); `reset` only writes the state.
+The robots are Safety-Gymnasium 1.0.0's (`assets/point.xml`, `assets/car.xml`, our own MJCF with
+its bodies, joints, geoms, densities, damping, actuators and timesteps): the point pushes along
+its heading with 0.3 * clip(a0, +-0.05) N and turns with a force-limited yaw-velocity servo (a1);
+the car drives two wheels with torques clip(a, +-0.02) N m and rolls on a rear ball, moving toward
+its body's -y axis. Actions lie in [-1, 1] and, as in Safety-Gymnasium, saturate at |a| = 0.05
+(point push) and 0.02 (car wheels). Sensors are read after mj_forward on the stepped state, as
+Safety-Gymnasium reads them. Each task compiles one MjModel (robot + its circle, walls, hazards
+and buttons); circle, walls and hazards do not collide, buttons are solid spheres (as
+Safety-Gymnasium's), and `reset` only writes the state. `sg_navigation.py` runs the same tasks in
+the real Safety-Gymnasium (`safemeta sg-setup`); the README tables what still differs.
 
-Observation = robot sensors + pseudo-lidar per object group (computed here, Safety-Gymnasium's
-"pseudo" lidar): accelerometer, velocimeter, gyro, magnetometer (3 each; the car adds its caster
-ball joint's angular velocity, 3, and orientation as a 3x3 matrix, 9), then 16 bins per group over
-the full circle in the robot frame; an object at distance r adds (max_dist - r)/max_dist to its bin
-and aliases linearly into the two neighbours; each bin keeps the maximum. Sensors are MuJoCo's
-values from the last physics substep (see mujoco_batch). Dimensions: point_circle 12 + 16 (circle)
-= 28; car_circle_hazard 24 + 16 (circle) + 16 (hazards) = 56; point_button 12 + 16 (buttons) + 16
-(goal) + 16 (hazards) = 60. (The paper lists 60 for Car-Circle-Hazard and 56 for Point-Button: the two
-numbers look swapped; swapped, they match these layouts.)
+Observation (Safety-Gymnasium's layout) = robot sensors + pseudo-lidar per object group:
+accelerometer, velocimeter, gyro, magnetometer (3 each; the car adds its rear ball joint's angular
+velocity, 3, and orientation as a 3x3 matrix, 9), then 16 bins per group over the full circle in
+the robot frame; an object at distance r adds (max_dist - r)/max_dist to its bin and aliases
+linearly into the two neighbours; each bin keeps the maximum. Dimensions: point_circle 12 + 16
+(circle) = 28 (SafetyPointCircle1's); car_circle_hazard 24 + 16 (circle) + 16 (hazards) = 56;
+point_button 12 + 16 (buttons) + 16 (goal) + 16 (hazards) = 60. (The paper lists 60 for
+Car-Circle-Hazard and 56 for Point-Button: the two numbers look swapped; swapped, they match these
+layouts.)
 
 Costs are 0/1 per step (Safety-Gymnasium's indicator cost): 1 if any constraint is violated.
 Frame skip 10 (dt = 0.02 s point, 0.04 s car). Horizon 500 (option `horizon`; d = 10 at 500 steps
-scales linearly with a shorter horizon, or set option `cost_limit`). Every choice the paper leaves open:
+scales linearly with a shorter horizon, or set option `cost_limit`). Reward and cost rules are Safety-Gymnasium's; the
+task distributions are the paper's (App. D.1), which differ from Safety-Gymnasium's level files:
 
-- Circle tasks (Safety-Gymnasium CircleLevel1): reward per step
+- Circle tasks (rules of SG's CircleLevel1): reward per step
   0.1 * ((-v_x y + v_y x) / rho) / (1 + |rho - R|), rho = |(x, y)|, (v_x, v_y) the robot's world
-  velocity; cost when |x| > wall, wall = wall_factor * R (two walls at x = +-wall). Lidar observes the
-  circle centre (and hazards), max_dist 6. Start: x ~ U(-min(0.8, wall - 0.1), +...), y ~ U(-0.8, 0.8),
-  heading ~ U(0, 2 pi), at rest, at least hazard_size + 0.1 from every hazard.
-- point_circle: R ~ U(1.0, 1.5), wall_factor ~ U(0.55, 0.75).
-- car_circle_hazard: R ~ U(0.7, 1.0), wall_factor ~ U(0.55, 0.75), 3-7 hazards (discs of radius
-  0.15, between Meta-CPO's 0.12 and Safety-Gymnasium's 0.2), centres uniform in the safe strip
-  |x| <= wall, |y| <= 1.2 (where the circle runs), pairwise at least 2 x 0.15 apart (no overlap), placed by
-  bounded rejection sampling. Cost also when the robot centre is within 0.15 of a hazard centre.
-- point_button: 6-10 buttons (spheres of radius 0.1) and 6-10 hazards (radius 0.2) uniform in
-  |x|, |y| <= 2.0 without overlap (keep-out radii 0.2 each: centres at least 0.4 apart), lidar
-  max_dist 3. Each episode copy draws a goal button at reset; touching (robot centre within
-  0.1 + 0.1 of a button centre; our buttons do not collide, Safety-Gymnasium's are solid) the goal gives reward +1, draws a new goal among the other buttons and
-  mutes the buttons for 10 steps (no button cost, buttons lidar reads 0), as Safety-Gymnasium does;
-  dense shaping adds (previous distance - distance) to the goal each step. Cost when touching a
-  wrong button (buttons not muted) or inside a hazard. Start: uniform in the square, at least
-  object radius + 0.3 from every object.
+  velocity; cost when |x| > wall (two walls at x = +-wall). Lidar observes the circle centre (and
+  hazards), max_dist 6. Start: x ~ U(-min(0.8, wall - 0.1), +...), y ~ U(-0.8, 0.8), heading
+  ~ U(0, 2 pi), at rest, at least hazard_size + 0.1 from every hazard (SG starts in U(-0.8, 0.8)^2,
+  which can lie outside the paper's narrower walls).
+- point_circle: R ~ U(1.0, 1.5), wall = wall_factor * R, wall_factor ~ U(0.55, 0.75) (SG level 1:
+  R = 1.5, walls at 1.125; the paper's distribution is Meta-CPO's).
+- car_circle_hazard (SG has no such level; SG's Car-Circle has no hazards): R ~ U(0.7, 1.0),
+  wall_factor ~ U(0.55, 0.75), 3-7 hazards (discs of radius 0.15, between Meta-CPO's 0.12 and
+  SG's 0.2), centres uniform in the safe strip |x| <= wall, |y| <= 1.2 (where the circle runs),
+  pairwise at least 2 x 0.15 apart (no overlap), placed by bounded rejection sampling. Cost also
+  when the robot centre is within 0.15 of a hazard centre.
+- point_button (rules of SG's ButtonLevel1 without its gremlins; SG level 1 has 4 buttons, 4
+  hazards, 4 moving gremlins in |x|, |y| <= 1.5 and 1000 steps): 6-10 buttons (spheres of radius
+  0.1) and 6-10 hazards (radius 0.2) uniform in |x|, |y| <= 2.0 without overlap (keep-out radii
+  0.2 each: centres at least 0.4 apart), 500 steps, lidar max_dist 3. Each episode copy draws a
+  goal button at reset; a contact between the robot and the goal button gives reward +1, draws a
+  new goal uniformly among all buttons (it may be the same one, as in SG) and mutes the buttons
+  for 10 steps (no button cost, buttons lidar reads 0); dense shaping adds (previous distance -
+  distance) to the goal each step. Cost when in contact with a wrong button (buttons not muted)
+  or inside a hazard. Start: uniform in the square, at least object radius + 0.3 from every object.
 
 Layout sampling tries a bounded number of candidates and raises TaskParamError naming the
 counts and extents when the objects do not fit.
@@ -75,6 +82,10 @@ BUTTON_EXTENT = 2.0
 BUTTON_KEEPOUT = 0.2        # keep-out radius of buttons and of hazards in point_button
 START_KEEPOUT = 0.3
 ROBOT_RADIUS = 0.1
+# The car starts 1e-7 m into the floor: Safety-Gymnasium places it exactly touching (z = 0.1), where
+# whether MuJoCo finds the wheel and ball contacts at the first step depends on rounding, and
+# differently in MuJoCo 2.3.3 and 4.0 (then the two start with different contact sets).
+CAR_START_Z = 0.1 - 1e-7
 BUTTON_MUTE_STEPS = 10
 _ASSETS = Path(__file__).parent / "assets"
 _CANDIDATES, _ROUNDS = 64, 16   # rejection sampling: candidates per draw, draws per object
@@ -83,10 +94,15 @@ _CANDIDATES, _ROUNDS = 64, 16   # rejection sampling: candidates per draw, draws
 # --------------------------------------------------------------------------- robots
 @dataclass(frozen=True)
 class Robot:
-    """Where a robot's pose lives in qpos/qvel and how its sensors become observations."""
+    """Where a robot's pose lives in qpos/qvel and how its sensors become observations.
+
+    A pose's heading is the yaw of the robot body; the point drives along its body's +x axis, the
+    car along its body's -y axis (`drive_axis`, in the body frame).
+    """
 
     xml: str
     sensor_dim: int
+    drive_axis: tuple[float, float] = (1.0, 0.0)
 
     def pose(self, qpos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """World position [N, 3] and rotation matrix [N, 3, 3] of the robot body."""
@@ -116,25 +132,25 @@ class PointRobot(Robot):
 
 
 class CarRobot(Robot):
-    """Free-joint chassis: qpos = [x, y, z, quat(4), left, right, caster quat(4)]."""
+    """Free-joint chassis: qpos = [x, y, z, quat(4), left wheel, right wheel, rear ball quat(4)]."""
 
     def pose(self, qpos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return qpos[:, :3], quat_to_mat(qpos[:, 3:7])
 
     def qpos_at(self, xy: np.ndarray, heading: np.ndarray, nq: int) -> np.ndarray:
         q = np.zeros((xy.shape[0], nq))
-        q[:, :2], q[:, 2] = xy, 0.1
+        q[:, :2], q[:, 2] = xy, CAR_START_Z
         q[:, 3], q[:, 6] = np.cos(heading / 2), np.sin(heading / 2)
-        q[:, 9] = 1.0  # caster ball joint at identity
+        q[:, 9] = 1.0  # rear ball joint at identity
         return q
 
     def sensors(self, sensordata: np.ndarray) -> np.ndarray:
-        # 12 site sensors + caster angular velocity (3), caster quaternion -> rotation matrix (9)
+        # 12 site sensors + rear ball angular velocity (3), rear ball quaternion -> rotation matrix (9)
         return np.concatenate([sensordata[:, :15], quat_to_mat(sensordata[:, 15:19]).reshape(-1, 9)], axis=1)
 
 
 POINT = PointRobot("point.xml", 12)
-CAR = CarRobot("car.xml", 24)
+CAR = CarRobot("car.xml", 24, (0.0, -1.0))
 
 
 def quat_to_mat(q: np.ndarray) -> np.ndarray:
@@ -373,26 +389,45 @@ class PointButtonDistribution(NavigationDistribution):
 
 
 # --------------------------------------------------------------------------- model and env
+def draw_starts(rng: np.random.Generator, layout: Layout, n: int, what: str
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Start positions [n, 2], headings [n] and (button tasks) goal buttons [n] of a reset.
+
+    The one start distribution of the native and the Safety-Gymnasium envs: the same generator
+    state gives both the same starts."""
+    xy = free_starts(rng, n, *start_area(layout), what)
+    goal = rng.integers(0, len(layout.buttons), n) if layout.kind == "button" else None
+    return xy, rng.uniform(0, 2 * np.pi, n), goal
+
+
+def observation_dim(robot: Robot, layout: Layout) -> int:
+    """Sensors + 16 lidar bins per object group (circle [+ hazards]; buttons, goal, hazards)."""
+    groups = 3 if layout.kind == "button" else 1 + (layout.hazard_size > 0)
+    return robot.sensor_dim + LIDAR_BINS * groups
+
+
 def build_model(robot: Robot, layout: Layout) -> mujoco.MjModel:
-    """The robot's MJCF plus the task's objects as non-colliding geoms, compiled once."""
+    """The robot's MJCF plus the task's objects, compiled once: circle, walls and hazards as
+    non-colliding geoms, buttons as solid spheres (Safety-Gymnasium's geoms and sizes)."""
     spec = mujoco.MjSpec.from_file(str(_ASSETS / robot.xml))
 
-    def visual(name: str, kind: Any, size: list[float], pos: list[float], rgba: list[float]) -> None:
+    def geom(name: str, kind: Any, size: list[float], pos: list[float], rgba: list[float], solid: bool = False) -> None:
         g = spec.worldbody.add_geom()
         g.name, g.type, g.size, g.pos, g.rgba = name, kind, size, pos, rgba
-        g.contype = g.conaffinity = 0
+        g.contype = g.conaffinity = int(solid)
+        g.condim = 6   # Safety-Gymnasium's default geom class (matters for the solid buttons)
 
     if layout.kind == "circle":
-        visual("circle", mujoco.mjtGeom.mjGEOM_CYLINDER, [layout.radius, 0.01, 0], [0, 0, 0.01], [0, 0.8, 0, 0.1])
+        geom("circle", mujoco.mjtGeom.mjGEOM_CYLINDER, [layout.radius, 0.01, 0], [0, 0, 0.01], [0, 0.8, 0, 0.1])
         for sign in (-1, 1):
-            visual(f"wall{(sign + 1) // 2}", mujoco.mjtGeom.mjGEOM_BOX, [0.05, 3.5, 0.3], [sign * layout.wall, 0, 0.25],
-                   [0.5, 0.5, 0.5, 0.1])
+            geom(f"wall{(sign + 1) // 2}", mujoco.mjtGeom.mjGEOM_BOX, [0.05, 3.5, 0.3], [sign * layout.wall, 0, 0.25],
+                 [0.5, 0.5, 0.5, 0.1])
     for i, (x, y) in enumerate(layout.hazards):
-        visual(f"hazard{i}", mujoco.mjtGeom.mjGEOM_CYLINDER, [layout.hazard_size, 0.01, 0], [x, y, 0.02],
-               [0, 0, 1, 0.25])
+        geom(f"hazard{i}", mujoco.mjtGeom.mjGEOM_CYLINDER, [layout.hazard_size, 0.01, 0], [x, y, 0.02],
+             [0, 0, 1, 0.25])
     for i, (x, y) in enumerate(layout.buttons):
-        visual(f"button{i}", mujoco.mjtGeom.mjGEOM_SPHERE, [layout.button_size, 0, 0], [x, y, layout.button_size],
-               [1, 0.5, 0, 1])
+        geom(f"button{i}", mujoco.mjtGeom.mjGEOM_SPHERE, [layout.button_size, 0, 0], [x, y, layout.button_size],
+             [1, 0.5, 0, 1], solid=True)
     return spec.compile()
 
 
@@ -404,7 +439,7 @@ class NavigationEnv:
         self.scenario, self.robot, self.layout = scenario, robot, layout
         self.num_envs, self.horizon = num_envs, horizon
         self.model = build_model(robot, layout)
-        self.sim = BatchSim(self.model, num_envs, FRAME_SKIP, sim_threads, fields=("sensordata",))
+        self.sim = BatchSim(self.model, num_envs, FRAME_SKIP, sim_threads, fields=("sensordata",), forward=True)
         self.rng = np.random.default_rng(seed)
         self.cost_limits, self.num_constraints = np.asarray(d, dtype=np.float64), 1
         self._low, self._high = self.model.actuator_ctrlrange.T.copy()
@@ -412,9 +447,13 @@ class NavigationEnv:
         self.clock = EpisodeClock(num_envs, horizon, 1, device)
         self.device = self.clock.device
         self._lidar_range = CIRCLE_LIDAR_RANGE if layout.kind == "circle" else BUTTON_LIDAR_RANGE
-        groups = 3 if layout.kind == "button" else 1 + (layout.hazard_size > 0)
-        dim = robot.sensor_dim + LIDAR_BINS * groups
-        self.observation_space = spaces.Box(-np.inf, np.inf, (dim,), np.float32)
+        self.observation_space = spaces.Box(-np.inf, np.inf, (observation_dim(robot, layout),), np.float32)
+        # contacts robot <-> button k: per geom id, whether it is the robot's and which button it is
+        m = self.model
+        self._robot_geom = m.body_rootid[m.geom_bodyid] == m.body("agent").id
+        self._button_of_geom = np.full(m.ngeom, -1)
+        for k in range(len(layout.buttons)):
+            self._button_of_geom[m.geom(f"button{k}").id] = k
         self.goal = np.zeros(num_envs, int)
         self.mute = np.zeros(num_envs, int)
         self.last_goal_dist = np.zeros(num_envs)
@@ -423,21 +462,23 @@ class NavigationEnv:
     # -- state
     def reset(self) -> Any:
         """New start positions and headings (and goal buttons); the model is not rebuilt."""
-        n, lay = self.num_envs, self.layout
-        xy = free_starts(self.rng, n, *start_area(lay), self.scenario)
-        if lay.kind == "button":
-            self.goal = self.rng.integers(0, len(lay.buttons), n)
-            self.mute[:] = 0
-        heading = self.rng.uniform(0, 2 * np.pi, n)
+        n = self.num_envs
+        xy, heading, goal = draw_starts(self.rng, self.layout, n, self.scenario)
+        if goal is not None:
+            self.goal, self.mute[:] = goal, 0
         self.sim.set_state(np.arange(n), self.robot.qpos_at(xy, heading, self.model.nq), np.zeros((n, self.model.nv)))
         self._pose = self.robot.pose(self.sim.qpos)
-        if lay.kind == "button":
+        if self.layout.kind == "button":
             self.last_goal_dist = self._goal_distance()
         return self.clock.reset(self._obs())
 
-    def set_pose(self, xy: np.ndarray, heading: np.ndarray, velocity: np.ndarray | None = None) -> Any:
-        """Put the copies at hand-built positions [N, 2], headings [N] and planar velocities [N, 2]."""
+    def set_pose(self, xy: np.ndarray, heading: np.ndarray, velocity: np.ndarray | None = None,
+                 goal: np.ndarray | None = None) -> Any:
+        """Put the copies at hand-built positions [N, 2], headings [N] and planar velocities [N, 2]
+        (button tasks: and goal buttons [N]); starts an episode there."""
         n = self.num_envs
+        if goal is not None:
+            self.goal = np.broadcast_to(np.asarray(goal, int), (n,)).copy()
         qvel = np.zeros((n, self.model.nv))
         if velocity is not None:
             qvel[:, :2] = velocity
@@ -457,6 +498,10 @@ class NavigationEnv:
         else:
             reward, cost = self._button_step()
         return self.clock.finish(self._obs(), reward, cost.astype(np.float64), np.zeros(self.num_envs, bool))
+
+    def positions(self) -> np.ndarray:
+        """World xy [N, 2] of every copy's robot."""
+        return self._xy().copy()
 
     def close(self) -> None:
         self.sim.close()
@@ -483,11 +528,22 @@ class NavigationEnv:
     def _goal_distance(self) -> np.ndarray:
         return np.linalg.norm(self._xy() - self.layout.buttons[self.goal], axis=1)
 
+    def touching(self) -> np.ndarray:
+        """[N, buttons] bool: MuJoCo has a contact between the robot and button k (the stepped state)."""
+        out = np.zeros((self.num_envs, len(self.layout.buttons)), bool)
+        for i, d in enumerate(self.sim.datas):
+            if d.ncon:
+                pair = d.contact.geom                       # [ncon, 2] geom ids
+                button = self._button_of_geom[pair]
+                hit = (button >= 0) & self._robot_geom[pair[:, ::-1]]
+                out[i, button[hit]] = True
+        return out
+
     def _button_step(self) -> tuple[np.ndarray, np.ndarray]:
         """Safety-Gymnasium's button rules: shaping + goal bonus, wrong-button and hazard cost, mute timer."""
         lay, n = self.layout, self.num_envs
         dist = self._goal_distance()
-        touching = np.linalg.norm(self._xy()[:, None] - lay.buttons[None], axis=2) < lay.button_size + ROBOT_RADIUS
+        touching = self.touching()
         reached = touching[np.arange(n), self.goal]
         reward = (self.last_goal_dist - dist) + reached.astype(float)
         wrong = touching.copy()
@@ -496,8 +552,7 @@ class NavigationEnv:
         self.mute = np.maximum(0, self.mute - 1)
         if reached.any():
             rows = np.flatnonzero(reached)
-            shift = self.rng.integers(1, len(lay.buttons), rows.size)   # any button but the current one
-            self.goal[rows] = (self.goal[rows] + shift) % len(lay.buttons)
+            self.goal[rows] = self.rng.integers(0, len(lay.buttons), rows.size)   # any button, as SG
             self.mute[rows] = BUTTON_MUTE_STEPS
         self.last_goal_dist = self._goal_distance()
         return reward, cost
