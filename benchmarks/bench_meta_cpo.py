@@ -46,13 +46,13 @@ SCENARIOS = {  # name -> (rollouts, horizon, Table 2 lam): App. D.2 sizes
 
 
 def config_for(name: str, rollouts: int | None, horizon: int | None, lam: float, tasks: int, iterations: int) -> dict:
-    scen = {"distribution": name, "n_train_tasks": max(tasks, 20), "n_test_tasks": 2,
-            "adaptation": {"dual_pgd": {"lam": lam, "lam_c": lam, "delta": 0.0}}}
+    scen = {"distribution": name, "n_train_tasks": max(tasks, 20), "n_test_tasks": 2}
     if rollouts is None:    # tabular: exact values, the paper's method with eq. (6)
-        scen["methods"] = {"safemeta": {"meta_gradient": "eq6"}}
-    else:
-        scen.update(task_options={"horizon": horizon}, rollouts=rollouts)
-        scen["adaptation"]["dual_pgd"]["kl_target"] = 0.03
+        scen.update(adaptation={"dual_pgd": {"lam": lam, "lam_c": lam, "delta": 0.0}},
+                    methods={"safemeta": {"meta_gradient": "eq6"}})
+    else:                   # as config/paper.yaml: Table 2's lam_c, lam solved for App. D.4's KL
+        scen.update(task_options={"horizon": horizon}, rollouts=rollouts,
+                    adaptation={"dual_pgd": {"lam_c": lam, "delta": 0.0, "kl_target": 0.03}})
     return {"seeds": [0], "device": "cpu", "scenarios": {name: scen},
             "methods": {"safemeta": {"algorithm": "safemeta"}, "meta_cpo": {"algorithm": "meta_cpo"}},
             "metatrain": {"iterations": iterations, "tasks_per_iteration": tasks, "max_kl": 0.001, "cg_damping": 0.1,
