@@ -23,6 +23,7 @@ import time
 import torch
 
 from safemeta.adaptation.dual_pgd_sampled import SampledAdaptationSettings, adapt_sampled
+from safemeta.adaptation.pg_penalty import SampledPGPenaltySettings, pg_data
 from safemeta.config import check_block, settings
 from safemeta.meta.base import trpo_meta_step
 from safemeta.meta.maml_penalty import maml_objective

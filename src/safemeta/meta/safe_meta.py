@@ -39,6 +39,7 @@ import torch
 
 from ..adaptation.base import Step
 from ..adaptation.dual_pgd import as_vector
+from ..optim import flat_grad
 from ..policies import NeuralPolicy, policy_from_checkpoint
 from ..registry import OptionError
 from ..rollout import Batch, derived_seed, time_baseline
