@@ -80,7 +80,7 @@ def test_inline_json_config_equals_file_config(workdir):
     xr.testing.assert_identical(without_timing(read_dataset(a / "test.nc")), without_timing(read_dataset(b / "test.nc")))
 
 
-def test_interrupted_meta_train_resumes_to_the_same_result(workdir, monkeypatch):
+def test_interrupted_meta_train_resumes_to_the_same_result(workdir, monkeypatch, capsys):
     ref = pipeline(workdir, out="ref")
     base = ["--config", str(workdir / "config.yaml"), "--scenario", "rand", "--seed", "0", "--method", "safemeta",
             "--tasks", str(ref / "tasks.json"), "--out-dir", str(workdir / "killed"), "--quiet"]
@@ -94,8 +94,11 @@ def test_interrupted_meta_train_resumes_to_the_same_result(workdir, monkeypatch)
         return real(learner, state, hook)
 
     monkeypatch.setattr(cli, "train", dies_after_three)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stop:
         run("meta-train", *base)
+    assert stop.value.code == 130
+    message = capsys.readouterr().err.splitlines()[-1]
+    assert "interrupted" in message and "checkpoint.pt holds 3 of" in message and "snakemake --unlock" in message
     assert (workdir / "killed" / "checkpoint.pt").exists() and not (workdir / "killed" / "trace.nc").exists()
     monkeypatch.setattr(cli, "train", real)
     assert run("meta-train", *base) == 0

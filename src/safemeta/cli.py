@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -145,14 +146,26 @@ def cmd_meta_train(args: argparse.Namespace) -> None:
         print(f"{prefix} resuming from {checkpoint} at iteration {state.iteration}", file=sys.stderr)
     limits = _limits(learner.evaluation)
     report = _progress(prefix, metatrain["iterations"], metatrain["tasks_per_iteration"], limits, state.iteration)
+    saved = state.iteration if checkpoint.exists() else None
 
     def on_iteration(st) -> None:
+        nonlocal saved
         with atomic_path(checkpoint) as tmp:
             torch.save({"identity": identity, "state": vars(st)}, tmp)
+        saved = st.iteration
         if not args.quiet:
             report(st)
 
-    state = train(learner, state, on_iteration)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # scancel, a SLURM time limit, Snakemake's stop
+    try:
+        state = train(learner, state, on_iteration)
+    except KeyboardInterrupt:
+        held = f"{checkpoint} holds {saved} of {metatrain['iterations']} iterations" if saved else "no checkpoint yet"
+        print(f"{prefix} interrupted: {held}; run the same command again to resume (a Snakemake run that was "
+              "killed itself first needs `snakemake --unlock`)", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     attrs = provenance_attrs(part, args.seed, stage="meta_train", scenario=args.scenario, method=args.method)
     with atomic_path(out_dir / "policy.pt") as tmp:
         torch.save({**learner.policy(state).to_checkpoint(), "provenance": attrs}, tmp)
@@ -161,6 +174,10 @@ def cmd_meta_train(args: argparse.Namespace) -> None:
     write_dataset(ds, out_dir / "trace.nc")
     checkpoint.unlink(missing_ok=True)
     print(f"wrote {out_dir / 'policy.pt'} and {out_dir / 'trace.nc'}", file=sys.stderr)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _load_checkpoint(path: Path, identity: dict[str, Any], state_class: type):

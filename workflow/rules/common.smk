@@ -5,15 +5,21 @@ import os
 import sys
 from pathlib import Path
 
-from safemeta.config import ConfigError, canonical_json, stage_config, validate_config
+from safemeta.config import ConfigError
+from safemeta.job_params import JobParams
 from safemeta.plugins import grid
 
+PACKAGE = Path(workflow.basedir) / "src" / "safemeta"  # the source tree whose files code.smk hashes
+
 # Validate against workflow/schemas/config.schema.yaml (a link to the package's schema, the one
-# schema of the project), fill defaults, reject unknown keys and names; one line on error.
+# schema of the project), fill defaults, reject unknown keys and names; one line on error. The
+# validated config and every job's params are kept in .snakemake/safemeta/ per config and code
+# (safemeta/job_params.py), so a run that changes neither imports no torch or MuJoCo here.
 try:
-    config.update(validate_config(config))
+    JOB_PARAMS = JobParams.load(config, root=PACKAGE, cache_dir=Path(".snakemake", "safemeta"))
 except ConfigError as exc:
     sys.exit(f"safemeta: config error: {exc}")
+config.update(JOB_PARAMS.config)
 
 SEEDS = config["seeds"]
 SOFTWARE_ENV = "../../environment.yml"  # for --sdm conda; relative to the rule files
@@ -31,10 +37,18 @@ wildcard_constraints:
 
 
 # ----------------------------------------------------------------------------- config params
+def _label(wildcards):
+    return getattr(wildcards, "method", None) or getattr(wildcards, "learner", None)
+
+
 def stage_json(stage, wildcards):
     """Canonical JSON of the config part `stage` reads: the rule's params and the CLI's --config."""
-    label = getattr(wildcards, "method", None) or getattr(wildcards, "learner", None)
-    return canonical_json(stage_config(config, stage, wildcards.scenario, label))
+    return JOB_PARAMS.stage_json(stage, wildcards.scenario, _label(wildcards))
+
+
+def seed_param(wildcards):
+    """The seed as a param: the between-workflow cache hashes params, not wildcards."""
+    return int(wildcards.seed)
 
 
 # ----------------------------------------------------------------------------- targets
