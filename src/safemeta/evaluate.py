@@ -76,14 +76,18 @@ def stack(sequences: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     return {name: np.stack([s[name] for s in sequences]) for name in sequences[0] if name != "policy"}
 
 
-def meta_test(operator: AdaptationOperator, tasks: list[Task], policy: Any, steps: int, seed: int) -> dict[str, np.ndarray]:
+def meta_test(operator: AdaptationOperator, tasks: list[Task], policy: Any, steps: int, seed: int,
+              on_task: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, np.ndarray]:
     """The meta-test of Cor. 1: the loop from the meta-policy on every test task.
 
-    Task j explores pi_[k] with seed derived_seed(derived_seed(seed, j), k).
+    Task j explores pi_[k] with seed derived_seed(derived_seed(seed, j), k); `on_task(j,
+    sequence)` is called after each task (progress).
     """
     sequences = []
     for j, task in enumerate(tasks):
         task_seed = derived_seed(seed, j)
         sequences.append(adaptation_sequence(operator, task, policy, steps, lambda k, s=task_seed: derived_seed(s, k),
                                              start_seed=derived_seed(task_seed, 1 << 20)))
+        if on_task is not None:
+            on_task(j, sequences[-1])
     return stack(sequences)

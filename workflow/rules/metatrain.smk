@@ -10,7 +10,7 @@ rule meta_train:
         policy="results/metatrain/{scenario}/{method}/seed{seed}/policy.pt",
         trace="results/metatrain/{scenario}/{method}/seed{seed}/trace.nc",
     params:
-        config=lambda wc: stage_json("meta_train", wc),
+        **stage_params("meta_train"),
         code=lambda wc: stage_code_hash("meta_train", wc),
         checkpoint=lambda wc: f"results/checkpoints/{wc.scenario}/{wc.method}/seed{wc.seed}.pt",
         out_dir=lambda wc, output: os.path.dirname(output.policy),
@@ -26,6 +26,6 @@ rule meta_train:
     conda:
         SOFTWARE_ENV
     shell:
-        "safemeta meta-train --config {params.config:q} --scenario {wildcards.scenario}"
+        "safemeta meta-train --config {params.config} --scenario {wildcards.scenario}"
         " --method {wildcards.method} --seed {wildcards.seed} --tasks {input.tasks}"
-        " --out-dir {params.out_dir} --checkpoint {params.checkpoint} --threads {threads} > {log} 2>&1"
+        " --out-dir {params.out_dir} --checkpoint {params.checkpoint} --threads {threads} --echo-fd 3 3>&2 > {log} 2>&1"

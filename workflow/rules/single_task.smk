@@ -6,7 +6,7 @@ rule single_task:
     output:
         trace="results/single/{scenario}/{learner}/seed{seed}/trace.nc",
     params:
-        config=lambda wc: stage_json("single_task", wc),
+        **stage_params("single_task"),
         code=lambda wc: stage_code_hash("single_task", wc),
     log:
         "logs/single_task/{scenario}/{learner}/seed{seed}.log",
@@ -20,6 +20,6 @@ rule single_task:
     conda:
         SOFTWARE_ENV
     shell:
-        "safemeta single-task --config {params.config:q} --scenario {wildcards.scenario}"
+        "safemeta single-task --config {params.config} --scenario {wildcards.scenario}"
         " --learner {wildcards.learner} --seed {wildcards.seed} --tasks {input.tasks}"
-        " --out {output.trace} --threads {threads} > {log} 2>&1"
+        " --out {output.trace} --threads {threads} --echo-fd 3 3>&2 > {log} 2>&1"
