@@ -21,8 +21,9 @@ include: "workflow/rules/summary.smk"
 
 
 rule all:
-    """Default target: summary.nc (every trace) and the figures."""
+    """Default target: summary.nc (every trace), the figures and the comparison of the methods."""
     default_target: True
     input:
         rules.aggregate.output,
         rules.plot.output,
+        rules.compare.output,

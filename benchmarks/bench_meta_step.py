@@ -5,8 +5,12 @@ For each scenario: roll out the meta-policy and its one-step adaptation once, th
 - plain: one TRPO step on the policy-gradient surrogate of the meta-policy's own batch;
 - meta:  one TRPO step on Alg. 4's meta-gradient surrogate (line 7, centred score, Hessian-free)
          with the same Fisher samples (the meta-policy's batch), i.e. what an iteration pays;
-- adapt: one sampled A^s solve (natural step, PGD on the multipliers) on the meta batch.
-Prints meta/plain (the paper's claim: comparable to a policy-gradient step; goal <= 1.3).
+- adapt: one sampled A^s solve (natural step, PGD on the multipliers) on the meta batch;
+- maml:  one TRPO step of MAML + penalty (baseline (a)) on the same two batches: the second-order
+         meta-gradient through its inner step (inner batch = the meta batch, outer = the adapted
+         batch) and a line search that re-adapts at each candidate.
+Prints meta/plain (the paper's claim: comparable to a policy-gradient step; goal <= 1.3) and
+maml/meta (what the Hessian-free meta-gradient saves against the second-order one).
 
     .venv/bin/python benchmarks/bench_meta_step.py [--quick] [--scenarios a b ...]
 """
@@ -19,8 +23,11 @@ import time
 import torch
 
 from safemeta.adaptation.dual_pgd_sampled import SampledAdaptationSettings, adapt_sampled
+from safemeta.adaptation.pg_penalty import SampledPGPenaltySettings, pg_data
 from safemeta.config import check_block, settings
-from safemeta.meta.safe_meta import SampledMetaTrainSettings, _trpo_meta_step, meta_gradient_surrogate
+from safemeta.meta.base import trpo_meta_step
+from safemeta.meta.maml_penalty import maml_objective
+from safemeta.meta.safe_meta import SampledMetaTrainSettings, meta_gradient_surrogate
 from safemeta.rollout import SamplingSettings, time_baseline
 from safemeta.scenario import Scenario
 from safemeta.tasks import get_distribution
@@ -50,7 +57,7 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench(name: str, rollouts: int, horizon: int, repeats: int) -> tuple[float, float, float, int]:
+def bench(name: str, rollouts: int, horizon: int, repeats: int) -> tuple[float, float, float, float, int]:
     dist = get_distribution(name, horizon=horizon)
     task = dist.sample(1, 0)[0]
     scenario = Scenario(name, dist, SamplingSettings(rollouts, 0.99, 1.0), check_block({}, "scenario", "")["policy"])
@@ -65,12 +72,15 @@ def bench(name: str, rollouts: int, horizon: int, repeats: int) -> tuple[float, 
 
     def step(surrogate):
         meta.load_flat(start)
-        _trpo_meta_step(meta, [("step", surrogate, batch)], step_settings, 0)
+        trpo_meta_step(meta, [("step", surrogate, batch)], step_settings, 0)
 
+    pg = settings(SampledPGPenaltySettings)
+    inner, outer = (pg_data(b, d, pg.penalty, pg.penalty_form, n) for b, n in ((batch, True), (adapted_batch, False)))
     plain = median_time(lambda: step(plain_surrogate(meta, batch)), repeats)
     meta_t = median_time(lambda: step(meta_gradient_surrogate(meta, result.policy, adapted_batch)), repeats)
     adapt = median_time(lambda: adapt_sampled(meta, batch, d, adaptation), repeats)
-    return plain, meta_t, adapt, int(batch.alive.sum())
+    maml = median_time(lambda: step(maml_objective(meta, inner, outer, pg.inner_lr)), repeats)
+    return plain, meta_t, adapt, maml, int(batch.alive.sum())
 
 
 def main() -> None:
@@ -81,12 +91,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"{'scenario':20s} {'samples':>8s} {'plain s':>9s} {'meta s':>9s} {'meta/plain':>10s} {'adapt s':>9s}")
+    print(f"{'scenario':20s} {'samples':>8s} {'plain s':>9s} {'meta s':>9s} {'meta/plain':>10s} {'adapt s':>9s} "
+          f"{'maml s':>9s} {'maml/meta':>9s}")
     for name in args.scenarios:
         rollouts, horizon = SCENARIOS[name]
         horizon = horizon // 4 if args.quick else horizon
-        plain, meta, adapt, samples = bench(name, rollouts, horizon, 3 if args.quick else args.repeats)
-        print(f"{name:20s} {samples:8d} {plain:9.3f} {meta:9.3f} {meta / plain:10.2f} {adapt:9.3f}", flush=True)
+        plain, meta, adapt, maml, samples = bench(name, rollouts, horizon, 3 if args.quick else args.repeats)
+        print(f"{name:20s} {samples:8d} {plain:9.3f} {meta:9.3f} {meta / plain:10.2f} {adapt:9.3f} {maml:9.3f} "
+              f"{maml / meta:9.2f}", flush=True)
 
 
 if __name__ == "__main__":

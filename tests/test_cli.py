@@ -193,7 +193,7 @@ def test_meta_test_adapter_and_method_overrides_of_the_operator(workdir):
     (lambda c: c["scenarios"]["rand"]["adaptation"]["dual_pgd"].update(kl_target=0.03),
      "config key 'scenarios.rand.adaptation.dual_pgd.kl_target': not read by operator dual_pgd on exact scenarios"),
     (lambda c: c["scenarios"]["rand"].update(metatrain={"eval_every": 2}),
-     "config key 'scenarios.rand.metatrain.eval_every': not read by safemeta on exact scenarios"),
+     "config key 'scenarios.rand.metatrain.eval_every': not read by any method on this scenario"),
     (lambda c: c["methods"]["safemeta"].update(adaptation={"fit_steps": 2}),
      "config key 'methods.safemeta.adaptation.fit_steps': not read by operator dual_pgd on exact scenarios"),
     (lambda c: c["methods"]["safemeta"].update(meta_gradient="hessian"), "config key 'methods.safemeta.meta_gradient'"),

@@ -178,5 +178,6 @@ def test_schema_blocks_hold_exactly_the_options_the_classes_read(registry, prefi
 def test_a_scenarios_metatrain_override_does_not_concern_its_learners():
     """scenarios.S.metatrain is read by meta-learners; a learner on S does not reject it."""
     config = _config("sampled", "learners", LEARNERS.names()[0], {"iterations": 2})
+    config["methods"] = {"m": {"algorithm": "safemeta"}}          # the override's reader
     config["scenarios"]["s"]["metatrain"] = {"tasks_per_iteration": 3}
     load_config(config)

@@ -76,7 +76,8 @@ def expected_counts(config: dict) -> dict[str, int]:
     grid = len(config["scenarios"]) * seeds
     runs = seeds * sum(len(m.get("scenarios") or config["scenarios"]) for m in config.get("methods", {}).values())
     single = seeds * sum(len(m.get("scenarios") or config["scenarios"]) for m in config.get("learners", {}).values())
-    counts = {"sample_tasks": grid, "meta_train": runs, "meta_test": runs, "aggregate": 1, "plot": 1, "all": 1}
+    counts = {"sample_tasks": grid, "meta_train": runs, "meta_test": runs, "aggregate": 1, "plot": 1, "compare": 1,
+              "all": 1}
     return {**counts, "single_task": single} if single else counts
 
 
@@ -103,7 +104,7 @@ def test_dry_run_dag_matches_the_config(tmp_path, source, args):
     config = yaml.safe_load(source.read_text())
     assert counts(res.out) == expected_counts(config)
     if not config.get("learners"):
-        assert "single_task" not in res.out
+        assert "single_task" not in counts(res.out)
     gpu_jobs = [j for j in jobs(res.out) if j["rule"] in ("meta_train", "single_task")]
     assert all("gpu=1" in j["resources"] for j in gpu_jobs)
 
@@ -206,12 +207,15 @@ def test_end_to_end_writes_summary_figures_and_report(pipeline):
     trace = read_dataset(pipeline.work / f"results/metatest/{small}/safemeta/seed{seed}/trace.nc")
     merged = summary.metatest_cost.sel(scenario=small, method_name="safemeta", seed=seed)  # keyword selection works
     np.testing.assert_array_equal(merged.isel(task=slice(0, n_tasks[small])).values, trace.cost.values)
-    for name in ("metatrain", "metatest", "compute_time", "single_task"):
+    for name in ("metatrain", "metatest", "compute_time", "single_task", "comparison"):
         assert (pipeline.work / "results" / "figures" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (pipeline.work / "results" / "comparison.csv").read_text().splitlines()
+    assert table[0].startswith("scenario,method,algorithm") and len(table) == 1 + RUNS // SEEDS
     assert "Nothing to be done" in dry(pipeline)
     smk(pipeline.work, "--report", "results/report.html", snakefile=pipeline.snakefile)
     html = (pipeline.work / "results" / "report.html").read_text()
     assert "metatest.png" in html and "Anytime safety holds when the bottom curve" in html
+    assert "comparison.png" in html and "comparison.html" in html
 
 
 # --------------------------------------------------------------------------- only-changed reruns
@@ -233,7 +237,7 @@ def rule_counts(found: list[dict[str, str]]) -> dict[str, int]:
 
 def test_metatest_change_reruns_meta_test_and_downstream_only(pipeline):
     found = edit_config(pipeline, lambda c: c["metatest"].update(adapt_steps=c["metatest"]["adapt_steps"] + 1))
-    assert rule_counts(found) == {"meta_test": RUNS, "aggregate": 1, "plot": 1, "all": 1}
+    assert rule_counts(found) == {"meta_test": RUNS, "aggregate": 1, "plot": 1, "compare": 1, "all": 1}
     for job in found:
         if job["rule"] == "meta_test":
             assert job["reason"].startswith("Params have changed") and "metatest.adapt_steps=" in job["reason"]
@@ -242,20 +246,21 @@ def test_metatest_change_reruns_meta_test_and_downstream_only(pipeline):
 def test_task_option_change_reruns_that_scenarios_chain_only(pipeline):
     found = edit_config(pipeline, lambda c: c["scenarios"]["grid"]["task_options"].update(slip=0.2))
     assert rule_counts(found) == {"sample_tasks": SEEDS, "meta_train": SEEDS, "meta_test": SEEDS, "aggregate": 1,
-                                  "plot": 1, "all": 1}
+                                  "plot": 1, "compare": 1, "all": 1}
     assert {wildcards(j).get("scenario") for j in found} == {"grid", None}
     assert all(j["reason"].startswith("Params have changed") for j in found if j["rule"] == "sample_tasks")
 
 
-DOWNSTREAM = {"aggregate": 1, "plot": 1, "all": 1}
-PIPELINE = ["sample_tasks", "meta_train", "meta_test", "aggregate", "plot", "all"]  # each after its inputs
+DOWNSTREAM = {"aggregate": 1, "plot": 1, "compare": 1, "all": 1}
+PIPELINE = ["sample_tasks", "meta_train", "meta_test", "aggregate", "plot", "compare", "all"]  # each after its inputs
 
 
 @pytest.mark.parametrize("module, changed", [
     ("evaluate.py", {"meta_train": RUNS, "meta_test": RUNS}),   # meta-training evaluates through the loop
     ("adaptation/dual_pgd.py", {"meta_train": RUNS, "meta_test": RUNS}),
     ("tasks/tabular.py", {"sample_tasks": RUNS, "meta_train": RUNS, "meta_test": RUNS}),
-    ("plots.py", {"plot": 1}),
+    ("plots.py", {"plot": 1, "compare": 1}),
+    ("comparison.py", {"compare": 1}),
 ])
 def test_code_edit_reruns_the_rules_that_run_it(pipeline, module, changed):
     path = pipeline.repo / "src" / "safemeta" / module

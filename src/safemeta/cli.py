@@ -374,6 +374,22 @@ def cmd_sg_setup(args: argparse.Namespace) -> None:
     setup(args.python, Path(args.prefix) if args.prefix else None, force=args.force)
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .comparison import comparison_table, write_table
+    from .plots import write_comparison_figure
+
+    console = _console(args)
+    _prepare(console, *(p for p in (args.csv, args.html, args.figure) if p))
+    summary = read_netcdf(args.summary, "summary", "safemeta aggregate")
+    if "metatest_reward" not in summary:
+        raise InputError(f"summary {args.summary} holds no meta-test traces to compare")
+    table = comparison_table(summary)
+    write_table(table, args.csv, args.html)
+    console.say(f"wrote {args.csv}" + (f" and {args.html}" if args.html else "") + f": {len(table)} rows")
+    if args.figure:
+        console.say(f"wrote {write_comparison_figure(summary, args.figure)}")
+
+
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safemeta", description=__doc__.split("\n")[0])
@@ -473,6 +489,18 @@ def build_parser() -> argparse.ArgumentParser:
                                     "~/.cache/safemeta/sg-worker-<lock hash>); other places need SAFEMETA_SG_ENV later")
     p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build exists")
     p.set_defaults(func=cmd_sg_setup)
+
+    p = sub.add_parser("compare", help="the side-by-side comparison of the methods (table and figure) from summary.nc",
+                       description="Per scenario and method: final meta-test reward (mean, SE over seeds) and its "
+                                   "ratio to the best baseline, meta-test steps whose max cost exceeds d and d + 2 SE, "
+                                   "median computation times and their ratios to Meta-CPO (CSV, and HTML for the "
+                                   "report); and comparison.png in the paper's Fig. 1/4 layout.")
+    p.add_argument("--summary", required=True, help="summary.nc written by `safemeta aggregate`")
+    p.add_argument("--csv", required=True, help="output table, e.g. results/comparison.csv")
+    p.add_argument("--html", help="the same table as an HTML page (the report shows it)")
+    p.add_argument("--figure", help="output PNG, e.g. results/figures/comparison.png")
+    echo_options(p)
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -4,12 +4,14 @@ Given the gradient g of an objective to maximise, a Fisher-vector product v -> F
 mean-KL function of a candidate, `trpo_step` solves F x = g by conjugate gradient, scales the
 step to the KL radius (step = sqrt(2 max_kl / x^T F x) x), and backtracks until the candidate
 satisfies both the KL bound and an improvement check. All vectors are flat float tensors.
+The Fisher-vector product and mean KL of a tabular softmax (exact scenarios) live here too.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .policies import NeuralPolicy
@@ -39,6 +41,25 @@ def fisher_vector_product(policy: NeuralPolicy, obs: torch.Tensor, weights: torc
         return flat_grad(grad_kl @ v, params, retain_graph=True)
 
     return fvp
+
+
+def softmax_fisher_vector_product(probs: np.ndarray, weights: np.ndarray) -> Callable[[torch.Tensor], torch.Tensor]:
+    """v -> F v for a tabular softmax: F = sum_s w(s) (diag pi_s - pi_s pi_s^T), v flat [S*A]."""
+    pi = torch.from_numpy(probs)
+    w = torch.from_numpy(weights)[:, None]
+
+    def fvp(v: torch.Tensor) -> torch.Tensor:
+        v = v.reshape(pi.shape)
+        return (w * pi * (v - (pi * v).sum(-1, keepdim=True))).reshape(-1)
+
+    return fvp
+
+
+def mean_kl(old_probs: np.ndarray, weights: np.ndarray, new_logits: np.ndarray) -> float:
+    """sum_s w(s) KL(pi_old(.|s) || pi_new(.|s)) (w sums to 1 for a visitation distribution)."""
+    log_new = new_logits - np.logaddexp.reduce(new_logits, axis=-1, keepdims=True)
+    log_old = np.log(np.clip(old_probs, 1e-300, None))
+    return float((weights * (old_probs * (log_old - log_new)).sum(-1)).sum())
 
 
 def conjugate_gradient(fvp: Callable[[Vector], Vector], b: Vector, iters: int = 10,

@@ -12,6 +12,8 @@
   mean cost (bottom) over the tasks the learners trained on, against the environment steps
   taken so far: each learner's training curve, and each method's meta-test curve on the same
   tasks at its own sample counts (k = 0, 1, ... adaptation steps).
+- `comparison.png` (Fig. 1/4 layout, `comparison_figure`; drawn by `safemeta compare`): one row
+  per scenario, the four columns of the paper's figure side by side for every method.
 
 Curves show the mean over seeds with a band of one standard deviation. The cost axis is the
 cost itself with the limit d dashed when a scenario has one constraint with the same d for
@@ -104,14 +106,28 @@ def metatest_figure(summary: xr.Dataset) -> plt.Figure:
                    "Meta-test: anytime safety of the adaptation sequence")
 
 
+def has_metatraining(summary: xr.Dataset) -> xr.DataArray:
+    """(scenario, method_name): the method's meta-training trace evaluates its meta-policy.
+
+    Meta-CRPO, run as the paper runs it, has no meta-training stage to show (its records hold its
+    CRPO runs on the training tasks, not meta-iterations), like the paper's Figs. 1-2 and 4-5.
+    """
+    return summary["metatrain_reward"].notnull().any([d for d in summary["metatrain_reward"].dims
+                                                      if d not in ("scenario", "method_name")])
+
+
 def compute_times(summary: xr.Dataset) -> dict[str, xr.DataArray]:
     """Seconds of computation per meta-iteration and per meta-test step, dims (scenario, method_name, seed).
 
-    Medians over iterations (resp. tasks and steps k >= 1), so one-off warm-up costs do not count.
+    Medians over iterations (resp. tasks and steps k >= 1), so one-off warm-up costs do not count;
+    meta-iterations only for methods with a meta-training stage (`has_metatraining`).
     """
     out = {}
     if "metatrain_time_compute" in summary:
-        out["meta-training (per iteration)"] = summary["metatrain_time_compute"].median("iteration")
+        seconds = summary["metatrain_time_compute"].median("iteration")
+        if "metatrain_reward" in summary:   # a method without a meta-training curve (Meta-CRPO) has no bar
+            seconds = seconds.where(has_metatraining(summary))
+        out["meta-training (per iteration)"] = seconds
     if "metatest_time" in summary:
         steps = summary["metatest_time"].isel(step=slice(1, None))  # k = 0 runs no adaptation
         out["meta-test (per adaptation step)"] = steps.median(("task", "step"))
@@ -229,6 +245,54 @@ def single_task_figure(summary: xr.Dataset) -> plt.Figure:
     axes[1, 0].legend(loc="best", fontsize="small")
     fig.suptitle("Learners from scratch vs.\nmeta-test adaptation")
     return fig
+
+
+COMPARISON_COLUMNS = (("metatrain_", "reward", "meta-training: reward (one-step adapted)", "meta-iteration"),
+                      ("metatrain_", "cost", "meta-training: max cost (one-step adapted)", "meta-iteration"),
+                      ("metatest_", "reward", "meta-test: reward", "adaptation step k (0 = meta-policy)"),
+                      ("metatest_", "cost", "meta-test: max cost", "adaptation step k (0 = meta-policy)"))
+
+
+def comparison_figure(summary: xr.Dataset) -> plt.Figure:
+    """The paper's Fig. 1/4 layout: one row per scenario; columns: meta-training reward and maximal
+    cost of the one-step adapted policy against the meta-iteration, meta-test reward and maximal
+    cost against the adaptation step. Mean over seeds and a one-standard-deviation band, one
+    colour per method, d dashed; a method without a meta-training curve (Meta-CRPO) is absent
+    from the first two columns."""
+    scenarios, methods = list(summary.scenario.values), list(summary.method_name.values)
+    colors = _colors(methods)
+    fig, axes = plt.subplots(len(scenarios), 4, figsize=(16, 3.1 * len(scenarios) + 0.6), squeeze=False,
+                             constrained_layout=True)
+    for row, scenario in enumerate(scenarios):
+        one = summary.sel(scenario=scenario)
+        for col, (prefix, quantity, title, xlabel) in enumerate(COMPARISON_COLUMNS):
+            ax = axes[row, col]
+            name = f"{prefix}{quantity}"
+            if name not in one:
+                ax.set_axis_off()
+                continue
+            if quantity == "cost":
+                values, line, label = worst_cost(one[name], one["limit"])
+                ax.axhline(line, color="black", ls="--", lw=1, label="limit d")
+            else:
+                values, label = one[name].mean("task"), "mean reward over tasks"
+            for method in methods:
+                _band(ax, values.sel(method_name=method), method, colors[method])
+            ax.set_title(f"{scenario}: {title}" if col == 0 else title, fontsize="medium")
+            ax.set_ylabel(label)
+            ax.set_xlabel(xlabel)
+    handles = [plt.Line2D([], [], color=colors[m], label=m) for m in methods]
+    handles.append(plt.Line2D([], [], color="black", ls="--", label="limit d"))
+    fig.legend(handles=handles, loc="outside upper center", ncol=len(handles), fontsize="small")
+    return fig
+
+
+def write_comparison_figure(summary: xr.Dataset, path: str | Path) -> Path:
+    fig = comparison_figure(summary)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return Path(path)
 
 
 def write_figures(summary: xr.Dataset, out_dir: str | Path) -> list[Path]:

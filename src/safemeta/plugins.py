@@ -271,6 +271,7 @@ def check_config(raw: dict[str, Any], resolved: dict[str, Any]) -> None:
         for section in SECTIONS:
             for label in runs_on(resolved, section, skey):
                 _check_pair(raw, resolved, section, skey, label)
+        _check_shared_metatrain(raw, resolved, skey)
 
 
 def _given(raw: dict[str, Any], *path: str) -> dict[str, Any]:
@@ -291,11 +292,13 @@ def _check_pair(raw: dict[str, Any], resolved: dict[str, Any], section: str, sce
     reads = _fields(cls) - set(ignored)
     given = {f"{section}.{label}.{k}": k for k in _given(raw, section, label)
              if k not in ("algorithm", "adaptation", "scenarios")}
-    if section == "methods":   # the scenario's metatrain overrides concern meta-learners only
+    if section == "methods":
         given.update({f"scenarios.{scenario}.methods.{label}.{k}": k
                       for k in _given(raw, "scenarios", scenario, "methods", label) if k != "adaptation"})
-        given.update({f"scenarios.{scenario}.metatrain.{k}": k for k in _given(raw, "scenarios", scenario, "metatrain")})
     _refuse_unread(given, reads, what, scenario, ignored)
+    # a scenario's metatrain override is shared by its methods (checked in _check_shared_metatrain)
+    if section == "methods":
+        given.update({f"scenarios.{scenario}.metatrain.{k}": k for k in _given(raw, "scenarios", scenario, "metatrain")})
     try:
         cls.check_options(algo_settings, frozenset(given.values()))
     except OptionError as exc:
@@ -324,6 +327,15 @@ def _check_pair(raw: dict[str, Any], resolved: dict[str, Any], section: str, sce
         if stage == "meta_test" and "delta" not in _fields(op_cls) and _any_positive(
                 effective(resolved, "metatest", scenario)["delta"]):
             raise ConfigError(f"config key 'metatest.delta': operator {name} has no delta (scenario {scenario})")
+
+
+def _check_shared_metatrain(raw: dict[str, Any], resolved: dict[str, Any], scenario: str) -> None:
+    """Every key of `scenarios.S.metatrain` is read by at least one method that runs on S (the
+    override is shared: a key only some methods read, e.g. a TRPO radius, is not an error)."""
+    methods = runs_on(resolved, "methods", scenario)
+    reads = set().union(*(_fields(algorithm_class(resolved, "methods", scenario, m)) for m in methods))
+    given = {f"scenarios.{scenario}.metatrain.{k}": k for k in _given(raw, "scenarios", scenario, "metatrain")}
+    _refuse_unread(given, reads, f"any method on this scenario ({', '.join(methods) or 'none'})", scenario)
 
 
 def _refuse_unread(given: dict[str, str], reads: set[str], what: str, scenario: str,

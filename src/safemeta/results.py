@@ -141,11 +141,28 @@ def _labels(ds: xr.Dataset, path: str) -> tuple[str, str, str, int]:
 
 
 def _source(path: str, ds: xr.Dataset, stage: str, scenario: str, label: str, seed: int) -> dict[str, Any]:
-    """Provenance of one merged trace (its config as a hash: the trace file holds it in full)."""
+    """Provenance of one merged trace (its config as a hash: the trace file holds it in full) and
+    the algorithm that made it (None when its config does not say)."""
     return {"file": path, "stage": stage, "scenario": scenario, STAGE_LABEL[stage][1]: label, "seed": seed,
+            "algorithm": _algorithm(ds, stage, label),
             "code_hash": ds.attrs.get("code_hash"), "safemeta_version": ds.attrs.get("safemeta_version"),
             "return_kind": ds.attrs.get("return_kind"),
             "config_sha256": hashlib.sha256(str(ds.attrs.get("config")).encode()).hexdigest()[:16]}
+
+
+def _algorithm(ds: xr.Dataset, stage: str, label: str) -> str | None:
+    """`algorithm` of the method (or learner) block in a trace's config attribute."""
+    section = "learners" if stage == "single_task" else "methods"
+    try:
+        return str(json.loads(ds.attrs["config"])[section][label]["algorithm"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def algorithms(summary: xr.Dataset) -> dict[str, str]:
+    """Method label -> the algorithm that made its traces (the label itself when unrecorded)."""
+    found = {s["method"]: s.get("algorithm") for s in json.loads(summary.attrs.get("sources", "[]")) if "method" in s}
+    return {str(m): found.get(str(m)) or str(m) for m in summary.method_name.values}
 
 
 def _labelled(ds: xr.Dataset, stage: str, scenario: str, label: str, seed: int) -> xr.Dataset:

@@ -25,6 +25,7 @@ ROOTS = {
     "single_task": ("tasks/__init__.py", "devices.py", "scenario.py", "policies.py", "results.py", "learners/base.py"),
     "aggregate": ("results.py",),
     "plot": ("results.py", "plots.py"),
+    "compare": ("results.py", "plots.py", "comparison.py"),
 }
 
 

@@ -64,3 +64,37 @@ rule plot:
         SOFTWARE_ENV
     shell:
         "safemeta plot --summary {input} --out-dir {params.out_dir} --echo-fd 3 3>&2 > {log} 2>&1"
+
+
+rule compare:
+    """The side-by-side comparison of the methods: the paper's Fig. 1/4 layout and the table of its claims."""
+    input:
+        "results/summary.nc",
+    output:
+        figure=report(
+            "results/figures/comparison.png",
+            caption="../report/comparison.rst",
+            category="Comparison",
+        ),
+        table=report(
+            "results/comparison.html",
+            caption="../report/comparison_table.rst",
+            category="Comparison",
+        ),
+        csv="results/comparison.csv",
+    params:
+        code=stage_code_hash("compare"),
+    log:
+        "logs/compare.log",
+    benchmark:
+        "results/benchmarks/compare.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    localrule: True
+    conda:
+        SOFTWARE_ENV
+    shell:
+        "safemeta compare --summary {input} --figure {output.figure} --csv {output.csv} --html {output.table}"
+        " --echo-fd 3 3>&2 > {log} 2>&1"

@@ -12,4 +12,6 @@ OPERATORS = Registry(__name__, "adaptation operator", {
     "shac_lag": ("shac_lag:ShacLag",),         # SHAC-Lag (App. F.1): primal-dual on the same gradients, no trust region
     "cvpo": ("cvpo:CVPO",),                                              # CVPO's E/M step with replay (Liu et al. 2022)
     "trpo_lagrangian": ("trpo_lagrangian:TRPOLagrangian",),              # TRPO on the Lagrangian, dual ascent on nu
+    "pg_penalty": ("pg_penalty:ExactPGPenalty", "pg_penalty:SampledPGPenalty"),   # MAML's inner step + penalty
+    "crpo": ("crpo:ExactCRPO", "crpo:SampledCRPO"),   # CRPO (Xu et al. 2021), Meta-CRPO's step
 })

@@ -27,7 +27,6 @@ u_max closed form, which tends to the minimiser of the violated constraint's sur
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -35,8 +34,9 @@ import numpy as np
 import torch
 
 from ..records import Var
-from ..tasks.tabular import Evaluation, TabularCMDP, evaluate, evaluate_torch
-from .base import AdaptationOperator, Observation, Step
+from ..tasks.tabular import Evaluation, TabularCMDP, evaluate_torch
+from .base import Observation, Step
+from .observation import ExactObserver
 
 
 
@@ -210,33 +210,13 @@ EXACT_STEP_VARS = {
 }
 
 
-class ExactDualPGD(AdaptationOperator):
+class ExactDualPGD(ExactObserver):
     """A^s on a tabular CMDP with exact advantages (Alg. 1); observation = exact evaluation."""
 
     name = "dual_pgd"
     kinds = ("exact",)
     Settings = ExactAdaptationSettings
     step_vars = EXACT_STEP_VARS
-
-    def start(self, task, policy, seed):
-        state = super().start(task, policy, seed)
-        state.cmdp = self._cmdp(task)
-        return state
-
-    def _cmdp(self, task):
-        """The task's CMDP, built once per task object (meta-training evaluates the same tasks often)."""
-        cache = self.__dict__.setdefault("_cmdps", {})
-        if id(task) not in cache:
-            cache[id(task)] = (task, self.scenario.distribution.cmdp(task))   # the task is kept alive
-        return cache[id(task)][1]
-
-    def return_kind(self) -> str:
-        return "exact expected discounted return from rho (tabular, no sampling)"
-
-    def observe(self, state, policy, seed: int) -> Observation:
-        t0 = time.perf_counter()
-        ev = evaluate(state.cmdp, policy.probs())
-        return Observation(ev.J, ev.Jc, np.zeros_like(ev.Jc), time.perf_counter() - t0, 0, ev)
 
     def step(self, state, policy, observation: Observation) -> Step:
         from ..policies import TabularSoftmaxPolicy

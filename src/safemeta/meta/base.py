@@ -31,12 +31,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
+import torch
 
 from ..evaluate import adaptation_sequence
+from ..optim import fisher_vector_product, flat_grad, trpo_step
 from ..records import Var
 
 if TYPE_CHECKING:
     from ..adaptation.base import AdaptationOperator
+    from ..policies import NeuralPolicy
     from ..scenario import Scenario
     from ..tasks import Task
 
@@ -153,3 +156,34 @@ def evaluate_one_step(operator: "AdaptationOperator", tasks: list["Task"], polic
             out[name].append(seq[name][1])
         t_sampling += float(seq["time_sampling"].sum())
     return {k: np.asarray(v) for k, v in out.items()}, t_sampling
+
+
+def trpo_meta_step(meta: "NeuralPolicy", entries: list, settings: Any, n: int):
+    """One TRPO step on the mean of the entries' surrogates (lines 8 / 12); also the outer step of
+    other TRPO-based meta-learners. An entry is (branch, surrogate(params | None), batch on pi_phi):
+    the Fisher and mean KL are the meta-policy's on the entries' batches (visitation-weighted),
+    and `settings` gives max_kl, cg_iters, cg_damping and backtrack_steps."""
+    params = list(meta.parameters())
+    objective_at = lambda prm: sum(e[1](prm) for e in entries) / len(entries)  # noqa: E731
+    grad = flat_grad(objective_at(None), params)
+    if not torch.isfinite(grad).all():
+        raise FloatingPointError(f"meta-training iteration {n}: the meta-gradient has non-finite entries")
+    states = [e[2].obs[e[2].alive] for e in entries]
+    weights = [e[2].visitation()[e[2].alive] / len(entries) for e in entries]
+    obs, w = torch.cat(states), torch.cat(weights)
+    with torch.no_grad():
+        reference = meta.distribution(obs)
+    phi = meta.flat()
+
+    def objective(flat: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(objective_at(meta.unflatten(flat)))
+
+    def kl(flat: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float((w * meta.kl(obs, reference, meta.unflatten(flat))).sum())
+
+    step = trpo_step(phi, grad.detach(), fisher_vector_product(meta, obs, w), objective, kl, settings.max_kl,
+                     cg_iters=settings.cg_iters, damping=settings.cg_damping, backtrack_steps=settings.backtrack_steps)
+    meta.load_flat(step.params)
+    return step, float(grad.norm())

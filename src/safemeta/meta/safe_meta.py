@@ -39,12 +39,12 @@ import torch
 
 from ..adaptation.base import Step
 from ..adaptation.dual_pgd import as_vector
-from ..optim import fisher_vector_product, flat_grad, trpo_step
+from ..optim import flat_grad
 from ..policies import NeuralPolicy, policy_from_checkpoint
 from ..records import Var
 from ..registry import OptionError
 from ..rollout import Batch, derived_seed, time_baseline
-from .base import N_VIOLATING, TRPO_STEP_VARS, MetaLearner, crpo_switch, evaluate_one_step
+from .base import N_VIOLATING, TRPO_STEP_VARS, MetaLearner, crpo_switch, evaluate_one_step, trpo_meta_step
 
 
 @dataclass(frozen=True)
@@ -246,40 +246,12 @@ class SampledSafeMeta(MetaLearner):
                 entries.append(("cost", cost_surrogate(meta, meta_obs.data, int(np.argmax(violation))), meta_obs.data))
         n_violating = sum(e[0] == "cost" for e in entries)
         entries = [entries[j] for j in crpo_switch([e[0] for e in entries], settings.switch)]
-        step, grad_norm = _trpo_meta_step(meta, entries, settings, n)
+        step, grad_norm = trpo_meta_step(meta, entries, settings, n)
         record.update(_batch_record(batch_stats), n_violating=n_violating, step_accepted=step.accepted,
                       step_kl=step.kl, step_improvement=step.improvement, grad_norm=grad_norm)
         record["time_sampling"], record["time_compute"] = t_sampling, time.perf_counter() - start - t_sampling
         state.records.append(record)
         state.iteration, state.policy = n + 1, meta.to_checkpoint()
-
-
-def _trpo_meta_step(meta: NeuralPolicy, entries: list, settings: SampledMetaTrainSettings, n: int):
-    """One TRPO step on the mean of the entries' surrogates (lines 8 / 12)."""
-    params = list(meta.parameters())
-    objective_at = lambda prm: sum(e[1](prm) for e in entries) / len(entries)  # noqa: E731
-    grad = flat_grad(objective_at(None), params)
-    if not torch.isfinite(grad).all():
-        raise FloatingPointError(f"meta-training iteration {n}: the meta-gradient has non-finite entries")
-    states = [_samples(e[2])[0] for e in entries]
-    weights = [e[2].visitation()[e[2].alive] / len(entries) for e in entries]
-    obs, w = torch.cat(states), torch.cat(weights)
-    with torch.no_grad():
-        reference = meta.distribution(obs)
-    phi = meta.flat()
-
-    def objective(flat: torch.Tensor) -> float:
-        with torch.no_grad():
-            return float(objective_at(meta.unflatten(flat)))
-
-    def kl(flat: torch.Tensor) -> float:
-        with torch.no_grad():
-            return float((w * meta.kl(obs, reference, meta.unflatten(flat))).sum())
-
-    step = trpo_step(phi, grad.detach(), fisher_vector_product(meta, obs, w), objective, kl, settings.max_kl,
-                     cg_iters=settings.cg_iters, damping=settings.cg_damping, backtrack_steps=settings.backtrack_steps)
-    meta.load_flat(step.params)
-    return step, float(grad.norm())
 
 
 def _check(n: int, name: str, value: float, limit: float, task: int) -> None:

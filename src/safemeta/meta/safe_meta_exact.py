@@ -43,13 +43,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from ..adaptation.dual_pgd import AdaptResult, ExactAdaptationSettings, adapted_logits, as_vector, dual_gradient
-from ..optim import trpo_step
+from ..optim import mean_kl, softmax_fisher_vector_product, trpo_step
 from ..policies import TabularSoftmaxPolicy
 from ..tasks.tabular import TabularCMDP, evaluate, evaluate_torch
 from .base import N_VIOLATING, TRPO_STEP_VARS, MetaLearner, crpo_switch, evaluate_one_step
@@ -111,25 +111,6 @@ def cost_gradient(cmdp: TabularCMDP, logits: np.ndarray, i: int) -> tuple[float,
     phi = torch.tensor(np.asarray(logits), dtype=torch.float64, requires_grad=True)
     Jc = evaluate_torch(cmdp, torch.softmax(phi, dim=-1)).Jc[i]
     return float(Jc.detach()), torch.autograd.grad(Jc, phi)[0].numpy()
-
-
-def softmax_fisher_vector_product(probs: np.ndarray, weights: np.ndarray) -> Callable[[torch.Tensor], torch.Tensor]:
-    """v -> F v for a tabular softmax: F = sum_s w(s) (diag pi_s - pi_s pi_s^T), v flat [S*A]."""
-    pi = torch.from_numpy(probs)
-    w = torch.from_numpy(weights)[:, None]
-
-    def fvp(v: torch.Tensor) -> torch.Tensor:
-        v = v.reshape(pi.shape)
-        return (w * pi * (v - (pi * v).sum(-1, keepdim=True))).reshape(-1)
-
-    return fvp
-
-
-def mean_kl(old_probs: np.ndarray, weights: np.ndarray, new_logits: np.ndarray) -> float:
-    """sum_s w(s) KL(pi_old(.|s) || pi_new(.|s)) (w sums to 1 for a visitation distribution)."""
-    log_new = new_logits - np.logaddexp.reduce(new_logits, axis=-1, keepdims=True)
-    log_old = np.log(np.clip(old_probs, 1e-300, None))
-    return float((weights * (old_probs * (log_old - log_new)).sum(-1)).sum())
 
 
 # --------------------------------------------------------------------------- meta-training
