@@ -188,6 +188,19 @@ def test_infeasible_adaptation_stops_meta_train_naming_scenario_iteration_and_li
         assert calm.observe({"iteration": n, "feasible": np.array([0.0, 0.0, 1.0, 1.0])}) == []
 
 
+def test_meta_train_on_an_unreachable_limit_stops_with_one_line(tmp_path, capsys):
+    """A limit just above the exact least cost: the adaptation is infeasible on every task."""
+    config = write_config(tmp_path / "c.yaml", lambda c: c["scenarios"]["rand"]["task_options"].update(
+        limit_fraction=[0.001, 0.002]))
+    base = ["--config", config, "--scenario", "rand", "--seed", "0"]
+    assert cli.main(["tasks", *base, "--out", str(tmp_path / "t.json")]) == 0
+    capsys.readouterr()
+    assert meta_train(config, tmp_path / "t.json", tmp_path / "mt") == 2
+    line = one_error_line(capsys, "meta-train")
+    assert "[meta-train rand/safemeta seed 0]: stopped at iteration 1: the one-step adaptation is infeasible" in line
+    assert "on 4 of 4 evaluation tasks" in line and not (tmp_path / "mt" / "trace.nc").exists()
+
+
 def test_no_accepted_step_warns_once_per_stretch():
     run = checks()
     said = [run.observe({"iteration": n, "step_accepted": False, "grad_norm": 0.0}) for n in range(6)]
