@@ -98,6 +98,7 @@ def test_interrupted_meta_train_resumes_to_the_same_result(workdir, monkeypatch,
     assert run("meta-train", *base) == 130
     lines = capsys.readouterr().err.strip().splitlines()   # one line, no traceback
     assert lines[-1].startswith("safemeta meta-train: interrupted: ") and "checkpoint.pt holds 3 of 6" in lines[-1]
+    assert "snakemake --unlock" in lines[-1]
     assert not any("Traceback" in line for line in lines)
     assert (workdir / "killed" / "checkpoint.pt").exists() and not (workdir / "killed" / "trace.nc").exists()
     monkeypatch.setattr(cli, "train", real)

@@ -33,9 +33,10 @@ SEEDS = len(TINY["seeds"])
 RUNS = len(TINY["scenarios"]) * len(TINY["methods"]) * SEEDS  # meta_train (and meta_test) jobs
 
 
-def smk(workdir: Path, *args: str, snakefile: Path = REPO / "Snakefile", check: bool = True):
+def smk(workdir: Path, *args: str, snakefile: Path = REPO / "Snakefile", check: bool = True, env=None):
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir), *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env=None if env is None else
+                         {**os.environ, **env})
     res.out = res.stdout + res.stderr
     if check:
         assert res.returncode == 0, res.out
@@ -144,17 +145,20 @@ def test_slurm_profile_maps_gpu_rules_to_gpus(tmp_path):
 
     res = smk(make_workdir(tmp_path), "-n", "--profile", str(REPO / "profiles" / "slurm"))
     by_rule = {j["rule"]: j for j in jobs(res.out)}
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "profile.yaml").read_text())
     params = {"run_uuid": "x", "slurm_logfile": "x.log", "comment_str": "x", "account": "-A acc",
               "partition": "-p part", "workdir": str(tmp_path)}
-    train = _fake_job(by_rule["meta_train"]["resources"])
-    assert train.resources["slurm_partition"] == "<gpu-partition>" and train.resources["runtime"] == 720
-    train_call = get_submit_command(train, params) + set_gres_string(train)
-    assert "--gpus=1" in train_call and "--cpus-per-gpu=4" in train_call and "--mem 16000" in train_call
-    assert "-t 720" in train_call.replace("'", "") and "--ntasks" not in train_call
+    for rule in ("meta_train", "meta_test"):
+        wanted = profile["set-resources"][rule]
+        job = _fake_job(by_rule[rule]["resources"], threads=profile["set-threads"][rule])
+        assert job.resources["slurm_partition"] == "<gpu-partition>" and job.resources["runtime"] == wanted["runtime"]
+        call = (get_submit_command(job, params) + set_gres_string(job)).replace("'", "")
+        assert "--gpus=1" in call and f"--cpus-per-task={job.threads}" in call, call
+        assert f"--mem {wanted['mem_mb']}" in call and f"-t {wanted['runtime']}" in call and "--ntasks" not in call
     tasks = _fake_job(by_rule["sample_tasks"]["resources"])
     tasks_call = get_submit_command(tasks, params) + set_gres_string(tasks)
     assert "--gpus" not in tasks_call and "--cpus-per-task=1" in tasks_call
-    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "profile.yaml").read_text())
+    assert tasks.resources["slurm_partition"] == "<cpu-partition>"
     assert "resources" not in profile  # a global gpu limit would throttle the whole cluster run
 
 
@@ -174,7 +178,7 @@ def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     repo = root / "repo"
     repo.mkdir()
-    for name in ("Snakefile", "environment.yml", "requirements.lock"):
+    for name in ("Snakefile", "environment.yml", "requirements.lock", "pyproject.toml"):
         shutil.copy(REPO / name, repo / name)
     for name in ("workflow", "profiles"):
         shutil.copytree(REPO / name, repo / name, symlinks=True)
@@ -333,3 +337,46 @@ def test_killed_meta_train_resumes_to_the_uninterrupted_result(tmp_path):
                      "--checkpoint", str(tmp_path / "ref.pt"), "--quiet"]) == 0
     xr.testing.assert_identical(without_timing(read_dataset(work / target)),
                                 without_timing(read_dataset(tmp_path / "ref" / "trace.nc")))
+
+
+# --------------------------------------------------------------------------- between-workflow cache
+def cache_use(output: str) -> tuple[set[str], set[str]]:
+    """(outputs taken from the cache, outputs of jobs that ran and were stored in it); a stored
+    output is symlinked back from the cache too."""
+    stored = set(re.findall(r"Moving output file (\S+) to cache", output))
+    return set(re.findall(r"Symlinking output file (\S+) from cache", output)) - stored, stored
+
+
+def test_second_workflow_takes_a_shared_meta_train_from_the_cache(tmp_path):
+    """Two working directories, one SNAKEMAKE_OUTPUT_CACHE: the second config shares scenario
+    `rand`, method and seed 0 with the first, so sample_tasks and meta_train come from the cache
+    (symlinks, no log), while its own meta-test setting reruns meta_test; another method option
+    misses the cache for meta_train, and another seed for sample_tasks."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    env = {"SNAKEMAKE_OUTPUT_CACHE": str(cache)}
+    train = "results/metatrain/rand/safemeta/seed0"
+    tasks, metatest = "results/tasks/rand/seed0.json", "results/metatest/rand/safemeta/seed0/trace.nc"
+    first = make_workdir(tmp_path / "first", TINY)
+    taken, stored = cache_use(smk(first, "--cache", "--cores", "2", metatest, env=env).out)
+    assert not taken and stored == {tasks, f"{train}/policy.pt", f"{train}/trace.nc", metatest}
+
+    second_config = {**TINY, "scenarios": {"rand": TINY["scenarios"]["rand"]},
+                     "metatest": {**TINY["metatest"], "adapt_steps": TINY["metatest"]["adapt_steps"] + 1}}
+    second = make_workdir(tmp_path / "second", second_config)
+    taken, stored = cache_use(smk(second, "--cache", "--cores", "2", metatest, env=env).out)
+    assert taken == {tasks, f"{train}/policy.pt", f"{train}/trace.nc"} and stored == {metatest}
+    for name in ("policy.pt", "trace.nc"):
+        path = second / train / name
+        assert path.is_symlink() and Path(os.readlink(path)).parent == cache, path
+        assert path.read_bytes() == (first / train / name).read_bytes()
+    assert (second / "logs/meta_train/rand/safemeta/seed0.log").read_text() == ""  # created, never written
+
+    third_config = {**second_config, "seeds": [0, 1],
+                    "methods": {"safemeta": {**TINY["methods"]["safemeta"], "meta_gradient": "full"}}}
+    third = make_workdir(tmp_path / "third", third_config)
+    other_seed = "results/tasks/rand/seed1.json"  # the same config part: only the seed tells them apart
+    taken, stored = cache_use(smk(third, "--cache", "--cores", "2", f"{train}/trace.nc", other_seed, env=env).out)
+    assert taken == {tasks} and stored == {f"{train}/policy.pt", f"{train}/trace.nc", other_seed}
+    assert (third / other_seed).read_bytes() != (third / tasks).read_bytes()
+    assert "wrote results/metatrain/rand" in (third / "logs/meta_train/rand/safemeta/seed0.log").read_text()

@@ -209,7 +209,8 @@ def cmd_meta_train(args: argparse.Namespace) -> None:
         state = train(learner, state, on_iteration)
     except KeyboardInterrupt:
         kept = f"{checkpoint} holds {saved} of {metatrain['iterations']} iterations" if saved else "no checkpoint yet"
-        raise Interrupted(f"{kept}; run the same command again to resume") from None
+        raise Interrupted(f"{kept}; run the same command again to resume (a Snakemake run that was killed "
+                          "itself first needs `snakemake --unlock`)") from None
     attrs = provenance_attrs(part, args.seed, _inputs(tasks), stage="meta_train", scenario=args.scenario,
                              method=args.method, stage_code_hash=identity["code"])
     with atomic_path(out_dir / "policy.pt") as tmp:

@@ -10,7 +10,10 @@ those import, at any depth.
 from __future__ import annotations
 
 import ast
+import re
+import tomllib
 from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +104,21 @@ def stage_code_hash(config: dict[str, Any], stage: str, scenario: str | None = N
                     root: str | Path | None = None) -> str:
     """sha256 (16 hex) of the paths and contents of the files of `stage_files`."""
     return code_hash(*stage_files(config, stage, scenario, label, root), root=root)
+
+
+def dependency_versions(pyproject: str | Path) -> str:
+    """The installed versions of the runtime dependencies a pyproject.toml declares, as
+    "name==version" sorted by name (e.g. "numpy==2.4.6 ... torch==2.13.0+cpu"). A local version
+    suffix stays: CPU and CUDA builds of torch can give different numbers."""
+    try:
+        declared = tomllib.loads(Path(pyproject).read_text())["project"]["dependencies"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"cannot read the dependencies of {pyproject}: {exc}") from None
+    found = []
+    for requirement in declared:
+        name = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", requirement)[0]
+        try:
+            found.append(f"{name.lower()}=={version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name.lower()} (not installed)")
+    return " ".join(sorted(found))

@@ -2,24 +2,31 @@
 # of each job (the config part its stage reads; with the code hash of code.smk, so that only
 # affected stages rerun), and the target lists.
 import functools
+import json
 import os
 import sys
 from pathlib import Path
 
 from safemeta.atomic import write_text
-from safemeta.config import ConfigError, canonical_json, config_hash, read_yaml, stage_config, validate_config
+from safemeta.config import ConfigError, config_hash, read_yaml
+from safemeta.job_params import JobParams
 from safemeta.plugins import PARAM_GROUPS, check_grid, grid, part_params
+
+PACKAGE = Path(workflow.basedir) / "src" / "safemeta"  # the source tree whose files code.smk hashes
 
 # Validate against workflow/schemas/config.schema.yaml (a link to the package's schema, the one
 # schema of the project), fill defaults, reject unknown keys, names and task options, repeated
-# keys in the config files, and a config that runs nothing; one line on error.
+# keys in the config files, and a config that runs nothing; one line on error. The
+# validated config and every job's params are kept in .snakemake/safemeta/ per config and code
+# (safemeta/job_params.py), so a run that changes neither imports no torch or MuJoCo here.
 try:
     for _file in workflow.configfiles:
         read_yaml(_file)
-    config.update(validate_config(config))
-    check_grid(config)
+    JOB_PARAMS = JobParams.load(config, root=PACKAGE, cache_dir=Path(".snakemake", "safemeta"))
+    check_grid(JOB_PARAMS.config)
 except ConfigError as exc:
     sys.exit(f"safemeta: config error: {exc}")
+config.update(JOB_PARAMS.config)
 
 SEEDS = config["seeds"]
 SOFTWARE_ENV = "../../environment.yml"  # for --sdm conda; relative to the rule files
@@ -44,7 +51,7 @@ def _label(wildcards):
 
 @functools.lru_cache(maxsize=None)
 def _part(stage, scenario, label):
-    return stage_config(config, stage, scenario, label)
+    return json.loads(JOB_PARAMS.stage_json(stage, scenario, label))
 
 
 def _part_file(stage, scenario, label):
@@ -52,7 +59,7 @@ def _part_file(stage, scenario, label):
     part = _part(stage, scenario, label)
     path = PARTS / f"{config_hash(part)}.json"
     if not path.is_file():
-        write_text(path, canonical_json(part))
+        write_text(path, JOB_PARAMS.stage_json(stage, scenario, label))
     return str(path)
 
 
@@ -71,6 +78,11 @@ def stage_params(stage):
 # Each rule's shell ends in `--echo-fd 3 3>&2 > {log} 2>&1`: the job's result lines, warnings
 # and, for long jobs, a progress line at most every 30 s also go to the terminal (fd 3, a copy
 # of Snakemake's stderr taken before the log redirection), the whole output to the log.
+
+
+def seed_param(wildcards):
+    """The seed as a param: the between-workflow cache hashes params, not wildcards."""
+    return int(wildcards.seed)
 
 
 # ----------------------------------------------------------------------------- targets

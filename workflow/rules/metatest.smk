@@ -4,14 +4,15 @@ rule meta_test:
         tasks="results/tasks/{scenario}/seed{seed}.json",
         policy="results/metatrain/{scenario}/{method}/seed{seed}/policy.pt",
     output:
-        trace="results/metatest/{scenario}/{method}/seed{seed}/trace.nc",
+        "results/metatest/{scenario}/{method}/seed{seed}/trace.nc",
     params:
         **stage_params("meta_test"),
         code=lambda wc: stage_code_hash("meta_test", wc),
+        seed=seed_param,
+        software=SOFTWARE,
     log:
         "logs/meta_test/{scenario}/{method}/seed{seed}.log",
-    benchmark:
-        "results/benchmarks/meta_test/{scenario}/{method}/seed{seed}.tsv"
+    cache: "omit-software"
     threads: 1
     resources:
         gpu=1,
@@ -21,5 +22,5 @@ rule meta_test:
         SOFTWARE_ENV
     shell:
         "safemeta meta-test --config {params.config} --scenario {wildcards.scenario}"
-        " --method {wildcards.method} --seed {wildcards.seed} --tasks {input.tasks}"
-        " --policy {input.policy} --out {output.trace} --threads {threads} --echo-fd 3 3>&2 > {log} 2>&1"
+        " --method {wildcards.method} --seed {params.seed} --tasks {input.tasks}"
+        " --policy {input.policy} --out {output} --threads {threads} --echo-fd 3 3>&2 > {log} 2>&1"

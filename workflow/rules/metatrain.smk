@@ -7,17 +7,17 @@ rule meta_train:
     input:
         tasks="results/tasks/{scenario}/seed{seed}.json",
     output:
-        policy="results/metatrain/{scenario}/{method}/seed{seed}/policy.pt",
-        trace="results/metatrain/{scenario}/{method}/seed{seed}/trace.nc",
+        multiext("results/metatrain/{scenario}/{method}/seed{seed}/", policy="policy.pt", trace="trace.nc"),
     params:
         **stage_params("meta_train"),
         code=lambda wc: stage_code_hash("meta_train", wc),
+        seed=seed_param,
+        software=SOFTWARE,
         checkpoint=lambda wc: f"results/checkpoints/{wc.scenario}/{wc.method}/seed{wc.seed}.pt",
         out_dir=lambda wc, output: os.path.dirname(output.policy),
     log:
         "logs/meta_train/{scenario}/{method}/seed{seed}.log",
-    benchmark:
-        "results/benchmarks/meta_train/{scenario}/{method}/seed{seed}.tsv"
+    cache: "omit-software"
     threads: 1
     resources:
         gpu=1,
@@ -27,5 +27,5 @@ rule meta_train:
         SOFTWARE_ENV
     shell:
         "safemeta meta-train --config {params.config} --scenario {wildcards.scenario}"
-        " --method {wildcards.method} --seed {wildcards.seed} --tasks {input.tasks}"
+        " --method {wildcards.method} --seed {params.seed} --tasks {input.tasks}"
         " --out-dir {params.out_dir} --checkpoint {params.checkpoint} --threads {threads} --echo-fd 3 3>&2 > {log} 2>&1"

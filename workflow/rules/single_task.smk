@@ -4,14 +4,15 @@ rule single_task:
     input:
         tasks="results/tasks/{scenario}/seed{seed}.json",
     output:
-        trace="results/single/{scenario}/{learner}/seed{seed}/trace.nc",
+        "results/single/{scenario}/{learner}/seed{seed}/trace.nc",
     params:
         **stage_params("single_task"),
         code=lambda wc: stage_code_hash("single_task", wc),
+        seed=seed_param,
+        software=SOFTWARE,
     log:
         "logs/single_task/{scenario}/{learner}/seed{seed}.log",
-    benchmark:
-        "results/benchmarks/single_task/{scenario}/{learner}/seed{seed}.tsv"
+    cache: "omit-software"
     threads: 1
     resources:
         gpu=1,
@@ -21,5 +22,5 @@ rule single_task:
         SOFTWARE_ENV
     shell:
         "safemeta single-task --config {params.config} --scenario {wildcards.scenario}"
-        " --learner {wildcards.learner} --seed {wildcards.seed} --tasks {input.tasks}"
-        " --out {output.trace} --threads {threads} --echo-fd 3 3>&2 > {log} 2>&1"
+        " --learner {wildcards.learner} --seed {params.seed} --tasks {input.tasks}"
+        " --out {output} --threads {threads} --echo-fd 3 3>&2 > {log} 2>&1"

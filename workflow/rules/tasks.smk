@@ -5,10 +5,11 @@ rule sample_tasks:
     params:
         **stage_params("tasks"),
         code=lambda wc: stage_code_hash("tasks", wc),
+        seed=seed_param,
+        software=SOFTWARE,
     log:
         "logs/sample_tasks/{scenario}/seed{seed}.log",
-    benchmark:
-        "results/benchmarks/sample_tasks/{scenario}/seed{seed}.tsv"
+    cache: "omit-software"
     threads: 1
     resources:
         mem_mb=2000,
@@ -17,4 +18,4 @@ rule sample_tasks:
         SOFTWARE_ENV
     shell:
         "safemeta tasks --config {params.config} --scenario {wildcards.scenario}"
-        " --seed {wildcards.seed} --out {output} --echo-fd 3 3>&2 > {log} 2>&1"
+        " --seed {params.seed} --out {output} --echo-fd 3 3>&2 > {log} 2>&1"

@@ -14,4 +14,5 @@ OPERATORS = Registry(__name__, "adaptation operator", {
     "trpo_lagrangian": ("trpo_lagrangian:TRPOLagrangian",),              # TRPO on the Lagrangian, dual ascent on nu
     "pg_penalty": ("pg_penalty:ExactPGPenalty", "pg_penalty:SampledPGPenalty"),   # MAML's inner step + penalty
     "crpo": ("crpo:ExactCRPO", "crpo:SampledCRPO"),   # CRPO (Xu et al. 2021), Meta-CRPO's step
+    "cpo": ("cpo:ExactCPO", "cpo:SampledCPO"),         # CPO (Achiam et al. 2017), Meta-CPO's inner step
 })

@@ -63,6 +63,15 @@ TRPO_STEP_VARS: dict[str, Var] = {
     "grad_norm": Var((), "norm of the batch meta-gradient", "1"),
 }
 N_VIOLATING = Var((), "training tasks of the batch that took the cost-reduction step", "1")
+# The training tasks of a sampled meta-iteration (their rollouts are the iteration's data).
+BATCH_VARS: dict[str, Var] = {
+    "batch_reward": Var((), "mean reward of the adapted policies on the iteration's training tasks", "return"),
+    "batch_cost": Var(("constraint",), "max cost of the adapted policies on the iteration's training tasks", "cost"),
+    "batch_meta_reward": Var((), "mean reward of the meta-policy on the iteration's training tasks", "return"),
+    "batch_meta_cost": Var(("constraint",), "max cost of the meta-policy on the iteration's training tasks", "cost"),
+    "batch_u": Var(("constraint",), "mean multipliers of the iteration's adaptations", "1"),
+    "batch_adapt_kl": Var((), "mean E_nu KL(adapted || meta) of the iteration's adaptations", "nats"),
+}
 TIME_VARS: dict[str, Var] = {
     "time_sampling": Var((), "wall time spent collecting samples", "s"),
     "time_compute": Var((), "wall time spent computing (adaptation, gradients, step)", "s"),
@@ -187,3 +196,16 @@ def trpo_meta_step(meta: "NeuralPolicy", entries: list, settings: Any, n: int):
                      cg_iters=settings.cg_iters, damping=settings.cg_damping, backtrack_steps=settings.backtrack_steps)
     meta.load_flat(step.params)
     return step, float(grad.norm())
+
+
+def batch_record(stats: dict[str, list]) -> dict[str, Any]:
+    """Statistics of the training tasks of one iteration (adapted ones for reward, cost, u, KL)."""
+    nan_p = np.full(len(stats["meta_cost"][0]), np.nan)
+    return {
+        "batch_reward": float(np.mean(stats["reward"])) if stats["reward"] else np.nan,
+        "batch_cost": np.max(stats["cost"], axis=0) if stats["cost"] else nan_p,
+        "batch_meta_reward": float(np.mean(stats["meta_reward"])),
+        "batch_meta_cost": np.max(stats["meta_cost"], axis=0),
+        "batch_u": np.nanmean(stats["u"], axis=0) if stats["u"] else nan_p,   # NaN: a recovery step
+        "batch_adapt_kl": float(np.mean(stats["kl"])) if stats["kl"] else np.nan,
+    }

@@ -41,10 +41,10 @@ from ..adaptation.base import Step
 from ..adaptation.dual_pgd import as_vector
 from ..optim import flat_grad
 from ..policies import NeuralPolicy, policy_from_checkpoint
-from ..records import Var
 from ..registry import OptionError
 from ..rollout import Batch, derived_seed, time_baseline
-from .base import N_VIOLATING, TRPO_STEP_VARS, MetaLearner, crpo_switch, evaluate_one_step, trpo_meta_step
+from .base import (BATCH_VARS, N_VIOLATING, TRPO_STEP_VARS, MetaLearner, batch_record, crpo_switch, evaluate_one_step,
+                   trpo_meta_step)
 
 
 @dataclass(frozen=True)
@@ -149,16 +149,6 @@ def cost_surrogate(meta: NeuralPolicy, batch: Batch, i: int) -> Callable[[dict |
 
 
 # --------------------------------------------------------------------------- Alg. 4
-BATCH_VARS: dict[str, Var] = {
-    "batch_reward": Var((), "mean reward of the adapted policies on the iteration's training tasks", "return"),
-    "batch_cost": Var(("constraint",), "max cost of the adapted policies on the iteration's training tasks", "cost"),
-    "batch_meta_reward": Var((), "mean reward of the meta-policy on the iteration's training tasks", "return"),
-    "batch_meta_cost": Var(("constraint",), "max cost of the meta-policy on the iteration's training tasks", "cost"),
-    "batch_u": Var(("constraint",), "mean multipliers of the iteration's adaptations", "1"),
-    "batch_adapt_kl": Var((), "mean E_nu KL(adapted || meta) of the iteration's adaptations", "nats"),
-}
-
-
 class SampledSafeMeta(MetaLearner):
     """Alg. 4 (module docstring); the adaptations are the sampled A^s operator's steps.
 
@@ -247,7 +237,7 @@ class SampledSafeMeta(MetaLearner):
         n_violating = sum(e[0] == "cost" for e in entries)
         entries = [entries[j] for j in crpo_switch([e[0] for e in entries], settings.switch)]
         step, grad_norm = trpo_meta_step(meta, entries, settings, n)
-        record.update(_batch_record(batch_stats), n_violating=n_violating, step_accepted=step.accepted,
+        record.update(batch_record(batch_stats), n_violating=n_violating, step_accepted=step.accepted,
                       step_kl=step.kl, step_improvement=step.improvement, grad_norm=grad_norm)
         record["time_sampling"], record["time_compute"] = t_sampling, time.perf_counter() - start - t_sampling
         state.records.append(record)
@@ -261,15 +251,3 @@ def _check(n: int, name: str, value: float, limit: float, task: int) -> None:
         raise FloatingPointError(f"meta-training iteration {n}: {name} {value:.3g} exceeds kl_limit {limit:g} "
                                  f"on training task {task} (raise lam / lam_c or lower the step)")
 
-
-def _batch_record(stats: dict[str, list]) -> dict[str, Any]:
-    """Statistics of the training tasks of one iteration (adapted ones for reward, cost, u, KL)."""
-    nan_p = np.full(len(stats["meta_cost"][0]), np.nan)
-    return {
-        "batch_reward": float(np.mean(stats["reward"])) if stats["reward"] else np.nan,
-        "batch_cost": np.max(stats["cost"], axis=0) if stats["cost"] else nan_p,
-        "batch_meta_reward": float(np.mean(stats["meta_reward"])),
-        "batch_meta_cost": np.max(stats["meta_cost"], axis=0),
-        "batch_u": np.nanmean(stats["u"], axis=0) if stats["u"] else nan_p,   # NaN: a recovery step
-        "batch_adapt_kl": float(np.mean(stats["kl"])) if stats["kl"] else np.nan,
-    }
