@@ -129,7 +129,7 @@ def test_bad_task_params_raise_clear_errors():
         dist.validate(bad)
     with pytest.raises(TaskParamError, match="n_hazards"):
         get_distribution("tabular_grid", size=3, n_hazards=20)
-    with pytest.raises(TaskParamError, match="bad task_options"):
+    with pytest.raises(TaskParamError, match="unknown option .sizee."):
         get_distribution("tabular_grid", sizee=3)
 
 

@@ -244,7 +244,7 @@ def test_metatest_change_reruns_meta_test_and_downstream_only(pipeline):
     assert rule_counts(found) == {"meta_test": RUNS, "aggregate": 1, "plot": 1, "compare": 1, "all": 1}
     for job in found:
         if job["rule"] == "meta_test":
-            assert job["reason"].startswith("Params have changed") and '"adapt_steps"' in job["reason"]
+            assert job["reason"].startswith("Params have changed") and "metatest.adapt_steps=" in job["reason"]
 
 
 def test_task_option_change_reruns_that_scenarios_chain_only(pipeline):

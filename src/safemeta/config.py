@@ -114,7 +114,8 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     """A validated copy of `config` with defaults filled in; raises ConfigError naming the key.
 
     After the schema: task distributions, algorithms and operators are checked against their
-    registries, each algorithm's and operator's options against its own schema block, and every
+    registries, each scenario's `task_options` by its distribution (and completed with the
+    distribution's defaults), each algorithm's and operator's options against its own schema block, and every
     (scenario, method / learner) pair against the implementation that will run it
     (`plugins.check_config`): an option that implementation does not read is an error.
     """
@@ -123,19 +124,26 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     raw = copy.deepcopy(config)
     resolved = copy.deepcopy(config)
     _check(resolved, _schema())
-    from .tasks import distribution_names
+    from .tasks import TaskParamError, distribution_names, get_distribution, resolved_options
 
     for key, scen in resolved["scenarios"].items():
         scen.setdefault("distribution", key)
         if scen["distribution"] not in distribution_names():
             raise ConfigError(f"config key 'scenarios.{key}.distribution': unknown task distribution "
                               f"{scen['distribution']!r} (known: {', '.join(distribution_names())})")
+        try:   # the distribution's own checks, here rather than inside a job; then every option, defaults filled
+            get_distribution(scen["distribution"], **scen["task_options"])
+            scen["task_options"] = resolved_options(scen["distribution"], scen["task_options"])
+        except TaskParamError as exc:
+            raise ConfigError(f"config key 'scenarios.{key}.task_options': {exc}") from None
     from .plugins import check_config
 
     check_config(raw, resolved)
     return resolved
+
+
 def load_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
-    """Validated config from a dict, a YAML/JSON file path, or an inline JSON object string."""
+    """Validated config from a dict, a YAML or JSON (*.json) file path, or an inline JSON object string."""
     if isinstance(source, dict):
         return validate_config(source)
     text = str(source)
@@ -148,11 +156,45 @@ def load_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
         path = Path(text)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if path.suffix == ".json":   # YAML 1.1 reads JSON's 1e-10 as a string
+            try:
+                raw = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
+        else:
+            raw = read_yaml(path)
     return validate_config(raw if raw is not None else {})
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last
+    silently, so a repeated `learners:` block would drop the first)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice in one mapping",
+                                                    key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML config file; ConfigError (one line, with the place) if it is not valid YAML or
+    repeats a key."""
+    try:
+        return yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{at}: {problem}") from None
 
 
 def select(config: dict[str, Any], section: str, key: str) -> dict[str, Any]:
@@ -166,13 +208,16 @@ def stage_config(config: dict[str, Any], stage: str, scenario: str, label: str |
     """The part of a resolved config that one stage reads (a valid config by itself).
 
     `label` names the method, or for stage "single_task" the learner. The scenario block keeps
-    only what the stage reads: for tasks its distribution and task counts; for the others the
-    sampling settings, the options that the stage's adaptation operator reads (with defaults)
-    and the scenario's override of that one method; method and learner blocks keep the options
-    their implementation reads (`plugins.stage_part`).
+    only what the stage reads: for tasks its distribution, task options and task counts; for the
+    others also the sampling settings (unless the run is exact) and the options that the stage's
+    adaptation operator reads; method and learner blocks keep the options their implementation
+    reads, the sections the keys it reads (`plugins.stage_part`).
 
-    Snakemake rules pass exactly this as `params` (canonical JSON), so a config edit reruns only
-    the stages whose part changed.
+    Every value is the effective one (overrides folded in, defaults filled), so a config edit
+    changes the part of exactly the stages it affects. The Snakemake rules pass it to the command
+    as a file named by its hash and as `params` (`flatten`ed, by section: a changed key shows in
+    `snakemake -n`'s reason), without the sections that do not change results
+    (`plugins.RESULT_FREE`), so an edit reruns only the stages whose part changed.
     """
     scen = select(config, "scenarios", scenario)
     if stage == "tasks":
@@ -191,6 +236,16 @@ def canonical_json(obj: Any) -> str:
 
 def config_hash(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:16]
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as {"dotted.key": leaf value} (an empty mapping is a leaf)."""
+    if not isinstance(obj, dict) or not obj:
+        return {prefix: obj}
+    out: dict[str, Any] = {}
+    for key in sorted(obj):
+        out.update(flatten(obj[key], f"{prefix}.{key}" if prefix else str(key)))
+    return out
 
 
 def effective(config: dict[str, Any], section: str, scenario: str) -> dict[str, Any]:

@@ -92,13 +92,19 @@ def stack(sequences: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     return {name: np.stack([s[name] for s in sequences]) for name in sequences[0] if name != "policy"}
 
 
-def meta_test(operator: AdaptationOperator, tasks: list[Task], policy: Any, steps: int, seed: int) -> dict[str, np.ndarray]:
+def meta_test(operator: AdaptationOperator, tasks: list[Task], policy: Any, steps: int, seed: int,
+              on_task: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, np.ndarray]:
     """The meta-test of Cor. 1: the loop from the meta-policy on every test task.
 
     Task j explores pi_[k] with seed derived_seed(derived_seed(seed, j), k); the tasks step together
-    (`adaptation_sequences`).
+    (`adaptation_sequences`), and `on_task(j, sequence)` is called for each task once they are done
+    (progress).
     """
     task_seeds = [derived_seed(seed, j) for j in range(len(tasks))]
-    return stack(adaptation_sequences(operator, tasks, [policy] * len(tasks), steps,
-                                      [lambda k, s=s: derived_seed(s, k) for s in task_seeds],
-                                      [derived_seed(s, 1 << 20) for s in task_seeds]))
+    sequences = adaptation_sequences(operator, tasks, [policy] * len(tasks), steps,
+                                     [lambda k, s=s: derived_seed(s, k) for s in task_seeds],
+                                     [derived_seed(s, 1 << 20) for s in task_seeds])
+    if on_task is not None:
+        for j, sequence in enumerate(sequences):
+            on_task(j, sequence)
+    return stack(sequences)

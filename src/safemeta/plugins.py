@@ -19,7 +19,8 @@ import dataclasses
 from typing import Any
 
 from .adaptation import OPERATORS
-from .config import ConfigError, block_defaults, check_block, effective, select, settings
+from .config import (ConfigError, block, block_defaults, canonical_json, check_block, effective, flatten, select,
+                     settings)
 from .learners import LEARNERS
 from .meta import META_LEARNERS
 from .registry import OptionError, Registry, kind_of
@@ -118,39 +119,83 @@ def operator_settings(config: dict[str, Any], stage: str, scenario: str, label: 
     return op_cls, settings(op_cls.Settings, values)
 
 
+# Scenario keys every stage of a scenario reads, and those read only where an algorithm samples
+# (the `Scenario`'s sampling settings and policy network; exact tabular runs use neither).
+TASK_KEYS = ("distribution", "task_options", "n_train_tasks", "n_test_tasks")
+SAMPLING_KEYS = ("rollouts", "gamma", "constraint_gamma", "policy")
+
+
 def stage_part(config: dict[str, Any], stage: str, scenario: str, label: str) -> dict[str, Any]:
-    """`config.stage_config` for the algorithm stages: only what the implementations read."""
+    """`config.stage_config` for the algorithm stages: the effective value of every option the
+    stage's implementations read, in the config's layout with every override resolved (the
+    scenario's `methods`, `metatrain` and `metatest` overrides and a method's `adaptation`
+    overrides are folded into the method block, the sections and the operator's block), so two
+    configs that run a stage alike give it the same part and an override that hides a top-level
+    value also hides its changes. Runs of the exact kind read no sampling keys. The meta-test's
+    operator takes its delta from `metatest`. `checks` (meta-training) decide whether a run goes
+    on, not its results (`RESULT_FREE`)."""
     section = STAGE_SECTION[stage]
-    cls = algorithm_class(config, section, scenario, label)
+    cls, algo_settings = algorithm_settings(config, section, scenario, label)
+    kind = kind_of(cls, _distribution_kinds(config, scenario))
     name = stage_operator(config, stage, scenario, label)
-    op_cls = operator_class(config, name, scenario, kind_of(cls, _distribution_kinds(config, scenario)), "metatest.adapter")
-    _, algo_settings = algorithm_settings(config, section, scenario, label)
-    _, op_settings = operator_settings(config, stage, scenario, label)
+    op_cls, op_settings = operator_settings(config, stage, scenario, label)
     reads = _fields(cls) - set(cls.ignored(algo_settings))
     op_reads = _fields(op_cls) - set(op_cls.ignored(op_settings))
-
-    def only_read(entry: dict[str, Any]) -> dict[str, Any]:
-        out = {k: v for k, v in entry.items() if k in reads or k == "algorithm"}   # not `scenarios`: no result depends on it
-        if "adaptation" in entry and name == cls.operator:
-            out["adaptation"] = {k: v for k, v in entry["adaptation"].items() if k in op_reads}
-        return out
+    shared = {k for sec in getattr(cls.Settings, "sections", ()) for k in block(sec).get("properties", {})}
 
     scen = select(config, "scenarios", scenario)
-    dropped = {"meta_train": ("metatest",), "meta_test": ("metatrain",), "single_task": ("metatrain", "metatest")}[stage]
-    part_scen = {k: v for k, v in scen.items() if k not in ("adaptation", "methods", *dropped)}
-    if "metatrain" in part_scen:   # the shared override: only the keys this method reads
-        part_scen["metatrain"] = {k: v for k, v in part_scen["metatrain"].items() if k in reads}
-    operator_block = block_defaults(f"operator_{name}") | scen.get("adaptation", {}).get(name, {})
-    part_scen["adaptation"] = {name: {k: v for k, v in operator_block.items() if k in op_reads}}
-    if section == "methods" and label in scen.get("methods", {}):
-        part_scen["methods"] = {label: only_read(scen["methods"][label])}
-    part: dict[str, Any] = {"scenarios": {scenario: part_scen}, section: {label: only_read(select(config, section, label))},
-                            "device": config["device"]}
+    part_scen = {k: scen[k] for k in (*TASK_KEYS, *(SAMPLING_KEYS if kind != "exact" else ()))}
+    operator = {k: getattr(op_settings, k) for k in sorted(op_reads)}
+    if stage == "meta_test":
+        operator.pop("delta", None)   # the meta-test's delta is metatest.delta
+    part_scen["adaptation"] = {name: operator}
+    entry = {"algorithm": select(config, section, label)["algorithm"],
+             **{k: getattr(algo_settings, k) for k in sorted(reads - shared)}}
+    part: dict[str, Any] = {"scenarios": {scenario: part_scen}, section: {label: entry}, "device": config["device"]}
     if stage == "meta_train":
-        part["metatrain"] = config["metatrain"]
+        part["metatrain"] = {k: getattr(algo_settings, k) for k in sorted(reads & shared)}
+        part["checks"] = config["checks"]
     elif stage == "meta_test":
-        part["metatest"] = config["metatest"]
+        part["metatest"] = effective(config, "metatest", scenario)
     return part
+
+
+# Sections of a stage's part that do not change what it computes (no rerun, no new checkpoint).
+RESULT_FREE = ("checks",)
+# The workflow rules' params of a part (`part_params`): each a short summary of one section.
+PARAM_GROUPS = ("task", "sampling", "operator", "algorithm", "settings")
+
+
+def part_params(part: dict[str, Any]) -> dict[str, str]:
+    """A stage's config part as Snakemake params, one per group of PARAM_GROUPS: "prefix: key=value
+    ..." with JSON values ("" where the part has none), so that `snakemake -n` names the keys
+    of the group that changed in its reason. Together they hold every key of the part but the
+    RESULT_FREE sections: task (the scenario's task keys and anything else of its block),
+    sampling, operator (its `adaptation` block), algorithm (the method or learner block),
+    settings (device, metatrain / metatest)."""
+    (scenario, scen), = part["scenarios"].items()
+
+    def summary(prefix: str, mapping: dict[str, Any]) -> str:
+        if not mapping:
+            return ""
+        items = " ".join(f"{k}={canonical_json(v)}" for k, v in flatten(mapping).items())
+        return f"{prefix}: {items}" if prefix else items
+
+    where = f"scenarios.{scenario}"
+    algorithm = next(((sec, part[sec]) for sec in SECTIONS if sec in part), ("", {}))
+    rest = {k: v for k, v in part.items() if k not in ("scenarios", *SECTIONS, *RESULT_FREE)}
+    return {"task": summary(where, {k: v for k, v in scen.items() if k not in (*SAMPLING_KEYS, "adaptation")}),
+            "sampling": summary(where, {k: v for k, v in scen.items() if k in SAMPLING_KEYS}),
+            "operator": summary(f"{where}.adaptation", scen.get("adaptation", {})),
+            "algorithm": summary(*algorithm),
+            "settings": summary("", rest)}
+
+
+def check_grid(config: dict[str, Any]) -> None:
+    """The config runs something: a method or a learner on some scenario (the workflow's check)."""
+    if not grid(config, "methods") and not grid(config, "learners"):
+        raise ConfigError("config key 'methods': no method or learner runs on any scenario (methods and learners are "
+                          "empty); define one, e.g. methods: {safemeta: {}}")
 
 
 # --------------------------------------------------------------------------- instances

@@ -34,10 +34,15 @@ def code_hash(*relpaths: str, root: str | Path | None = None) -> str:
     return h.hexdigest()[:16]
 
 
-def provenance_attrs(config: dict[str, Any], seed: int, **labels: Any) -> dict[str, Any]:
-    """netCDF-safe attributes (str/int) describing how an output was made."""
+def provenance_attrs(config: dict[str, Any], seed: int, inputs: dict[str, Any] | None = None,
+                     **labels: Any) -> dict[str, Any]:
+    """netCDF-safe attributes (str/int) describing how an output was made: the config part, seed,
+    package version and code hash, the labels (stage, scenario, ...) and, as JSON, what the
+    input files held (`inputs.input_identity`), read from the files themselves."""
     attrs = {"safemeta_version": __version__, "code_hash": code_hash(), "seed": int(seed),
              "config": canonical_json(config),
              "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    if inputs:
+        attrs["inputs"] = canonical_json(inputs)
     attrs.update({k: str(v) for k, v in labels.items()})
     return attrs

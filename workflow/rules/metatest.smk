@@ -6,7 +6,7 @@ rule meta_test:
     output:
         "results/metatest/{scenario}/{method}/seed{seed}/trace.nc",
     params:
-        config=lambda wc: stage_json("meta_test", wc),
+        **stage_params("meta_test"),
         code=lambda wc: stage_code_hash("meta_test", wc),
         seed=seed_param,
         software=SOFTWARE,
@@ -21,6 +21,6 @@ rule meta_test:
     conda:
         SOFTWARE_ENV
     shell:
-        "safemeta meta-test --config {params.config:q} --scenario {wildcards.scenario}"
+        "safemeta meta-test --config {params.config} --scenario {wildcards.scenario}"
         " --method {wildcards.method} --seed {params.seed} --tasks {input.tasks}"
-        " --policy {input.policy} --out {output} --threads {threads} > {log} 2>&1"
+        " --policy {input.policy} --out {output} --threads {threads} --echo-fd 3 3>&2 > {log} 2>&1"

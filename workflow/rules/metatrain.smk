@@ -9,7 +9,7 @@ rule meta_train:
     output:
         multiext("results/metatrain/{scenario}/{method}/seed{seed}/", policy="policy.pt", trace="trace.nc"),
     params:
-        config=lambda wc: stage_json("meta_train", wc),
+        **stage_params("meta_train"),
         code=lambda wc: stage_code_hash("meta_train", wc),
         seed=seed_param,
         software=SOFTWARE,
@@ -26,6 +26,6 @@ rule meta_train:
     conda:
         SOFTWARE_ENV
     shell:
-        "safemeta meta-train --config {params.config:q} --scenario {wildcards.scenario}"
+        "safemeta meta-train --config {params.config} --scenario {wildcards.scenario}"
         " --method {wildcards.method} --seed {params.seed} --tasks {input.tasks}"
-        " --out-dir {params.out_dir} --checkpoint {params.checkpoint} --threads {threads} > {log} 2>&1"
+        " --out-dir {params.out_dir} --checkpoint {params.checkpoint} --threads {threads} --echo-fd 3 3>&2 > {log} 2>&1"

@@ -6,7 +6,7 @@ rule single_task:
     output:
         "results/single/{scenario}/{learner}/seed{seed}/trace.nc",
     params:
-        config=lambda wc: stage_json("single_task", wc),
+        **stage_params("single_task"),
         code=lambda wc: stage_code_hash("single_task", wc),
         seed=seed_param,
         software=SOFTWARE,
@@ -21,6 +21,6 @@ rule single_task:
     conda:
         SOFTWARE_ENV
     shell:
-        "safemeta single-task --config {params.config:q} --scenario {wildcards.scenario}"
+        "safemeta single-task --config {params.config} --scenario {wildcards.scenario}"
         " --learner {wildcards.learner} --seed {params.seed} --tasks {input.tasks}"
-        " --out {output} --threads {threads} > {log} 2>&1"
+        " --out {output} --threads {threads} --echo-fd 3 3>&2 > {log} 2>&1"

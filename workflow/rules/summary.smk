@@ -20,7 +20,7 @@ rule aggregate:
     conda:
         SOFTWARE_ENV
     shell:
-        "safemeta aggregate {input.metatrain} {input.metatest} {input.single} --out {output} > {log} 2>&1"
+        "safemeta aggregate {input.metatrain} {input.metatest} {input.single} --out {output} --echo-fd 3 3>&2 > {log} 2>&1"
 
 
 rule plot:
@@ -63,7 +63,7 @@ rule plot:
     conda:
         SOFTWARE_ENV
     shell:
-        "safemeta plot --summary {input} --out-dir {params.out_dir} > {log} 2>&1"
+        "safemeta plot --summary {input} --out-dir {params.out_dir} --echo-fd 3 3>&2 > {log} 2>&1"
 
 
 rule compare:
@@ -97,4 +97,4 @@ rule compare:
         SOFTWARE_ENV
     shell:
         "safemeta compare --summary {input} --figure {output.figure} --csv {output.csv} --html {output.table}"
-        " > {log} 2>&1"
+        " --echo-fd 3 3>&2 > {log} 2>&1"

@@ -3,7 +3,7 @@ rule sample_tasks:
     output:
         "results/tasks/{scenario}/seed{seed}.json",
     params:
-        config=lambda wc: stage_json("tasks", wc),
+        **stage_params("tasks"),
         code=lambda wc: stage_code_hash("tasks", wc),
         seed=seed_param,
         software=SOFTWARE,
@@ -17,5 +17,5 @@ rule sample_tasks:
     conda:
         SOFTWARE_ENV
     shell:
-        "safemeta tasks --config {params.config:q} --scenario {wildcards.scenario}"
-        " --seed {params.seed} --out {output} > {log} 2>&1"
+        "safemeta tasks --config {params.config} --scenario {wildcards.scenario}"
+        " --seed {params.seed} --out {output} --echo-fd 3 3>&2 > {log} 2>&1"

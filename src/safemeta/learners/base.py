@@ -15,7 +15,7 @@ name of the operator it repeats), `Settings` (a frozen dataclass WITHOUT default
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
 
@@ -66,6 +66,13 @@ class Learner:
         return adaptation_sequence(self.adapt, task, policy, self.settings.iterations,
                                    lambda k: derived_seed(seed, 1, k), start_seed=derived_seed(seed, 2))
 
-    def run(self, test: list["Task"], seed: int) -> dict[str, np.ndarray]:
-        """Every task of `tasks(test)`, stacked with a leading task axis."""
-        return stack([self.run_task(task, derived_seed(seed, j)) for j, task in enumerate(self.tasks(test))])
+    def run(self, test: list["Task"], seed: int,
+            on_task: Callable[[int, dict[str, np.ndarray]], None] | None = None) -> dict[str, np.ndarray]:
+        """Every task of `tasks(test)`, stacked with a leading task axis; `on_task(j, sequence)`
+        after each (progress)."""
+        sequences = []
+        for j, task in enumerate(self.tasks(test)):
+            sequences.append(self.run_task(task, derived_seed(seed, j)))
+            if on_task is not None:
+                on_task(j, sequences[-1])
+        return stack(sequences)

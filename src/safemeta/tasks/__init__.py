@@ -7,6 +7,7 @@ lazily so that tabular work never imports MuJoCo.
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -59,15 +60,46 @@ def distribution_class(name: str) -> type[TaskDistribution]:
     return getattr(importlib.import_module(f"{__name__}.{module_name}"), class_name)
 
 
+def distribution_options(name: str) -> dict[str, Any]:
+    """Every option of a registered distribution with its default (the keyword parameters of
+    its constructor, and of the constructors it passes `**options` on to)."""
+    found: dict[str, Any] = {}
+    for klass in distribution_class(name).__mro__:
+        if klass is object:
+            break
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        parameters = list(inspect.signature(init).parameters.values())[1:]
+        for par in parameters:
+            if par.kind in (par.POSITIONAL_OR_KEYWORD, par.KEYWORD_ONLY) and par.default is not par.empty:
+                found.setdefault(par.name, list(par.default) if isinstance(par.default, tuple) else par.default)
+        if not any(par.kind is par.VAR_KEYWORD for par in parameters):
+            break
+    return found
+
+
+def resolved_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """`options` with every option the distribution has and they leave out at its default (what
+    a distribution built from them uses); TaskParamError naming an unknown option."""
+    defaults = distribution_options(name)
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise TaskParamError(f"{name}: unknown option {unknown[0]!r} (options: {', '.join(sorted(defaults))})")
+    return {**defaults, **options}
+
+
 def get_distribution(name: str, **options: Any) -> TaskDistribution:
     cls = distribution_class(name)
+    resolved_options(name, options)
     try:
         return cls(**options)
-    except TypeError as exc:  # unknown or missing option: say which distribution
+    except TypeError as exc:  # a wrongly typed option the constructor did not check: say which distribution
         raise TaskParamError(f"{name}: bad task_options {sorted(options)}: {exc}") from None
 
 
 __all__ = [
     "BatchEnv", "BatchEnvError", "StepResult", "Task", "TaskDistribution", "TaskParamError",
-    "distribution_class", "distribution_names", "get_distribution", "module_file", "register",
+    "distribution_class", "distribution_names", "distribution_options", "get_distribution", "module_file",
+    "register", "resolved_options",
 ]

@@ -73,6 +73,7 @@ class TorchDistribution(P.ScaledLimitDistribution):
 
 class FunctionEnvDistribution(TorchDistribution):
     name, paper_horizon, paper_d = "function_env", 100, 8.0
+    cost_floor_strict, cost_meaning = True, "f(x - c) is positive at every state"
 
     def _draw(self, rng: np.random.Generator) -> dict[str, Any]:
         return {"shift": rng.uniform(-1.0, 1.0)}
@@ -87,6 +88,7 @@ class FunctionEnvFloorDistribution(FunctionEnvDistribution):
 
 class CartPolePosDistribution(TorchDistribution):
     name, paper_horizon, paper_d = "cartpole_pos", 300, -50.0
+    cost_floor = None   # cost -x^2: negative, bounded by the track only
 
     def _draw(self, rng: np.random.Generator) -> dict[str, Any]:
         return {"pole_mass": rng.uniform(0.05, 0.15), "pole_half_length": rng.uniform(0.4, 0.6)}
@@ -98,6 +100,7 @@ class CartPolePosDistribution(TorchDistribution):
 
 class PointCircleDiffDistribution(TorchDistribution):
     name, paper_horizon, paper_d = "point_circle_diff", 200, 10.0
+    cost_floor_strict, cost_meaning = True, "the sigmoid wall cost is positive at every step"
 
     def _draw(self, rng: np.random.Generator) -> dict[str, Any]:
         return {"radius": rng.uniform(1.0, 1.5), "wall_factor": rng.uniform(0.55, 0.75)}

@@ -99,7 +99,7 @@ class LocomotionDistribution(P.ScaledLimitDistribution):
     def __init__(self, horizon: int | None = None, cost_limit: float | None = None,
                  sim_threads: int | None = None) -> None:
         super().__init__(horizon, cost_limit)
-        self.sim_threads = sim_threads
+        self.sim_threads = P.optional_integer(self.name, "sim_threads", sim_threads, minimum=1)
 
     def make_env(self, task: Task, num_envs: int, seed: int, device: Any = "cpu") -> "LocomotionEnv":
         return self.make_envs([task], num_envs, [seed], device)
@@ -124,6 +124,7 @@ class HalfCheetahVelDistribution(LocomotionDistribution):
 
 class HopperVelDistribution(LocomotionDistribution):
     name, xml, frame_skip, paper_d = "hopper_vel", "hopper.xml", 4, 5.0
+    cost_floor_strict, cost_meaning = True, "the control cost sum_i a_i^2 of a Gaussian policy is positive at every step"
 
     def _draw(self, rng: np.random.Generator) -> dict[str, Any]:
         return {"goal_velocity": rng.uniform(0.0, 1.0)}
@@ -134,6 +135,7 @@ class HopperVelDistribution(LocomotionDistribution):
 
 class SwimmerVelDistribution(LocomotionDistribution):
     name, xml, frame_skip, paper_d = "swimmer_vel", "swimmer.xml", 4, 5.0
+    cost_floor_strict, cost_meaning = True, "the control cost w sum_i a_i^2 (w >= 0.5) of a Gaussian policy is positive at every step"
 
     def _draw(self, rng: np.random.Generator) -> dict[str, Any]:
         return {"goal_velocity": rng.uniform(0.0, 1.0), "noise_var": rng.uniform(0.0, 0.5),
@@ -147,6 +149,7 @@ class SwimmerVelDistribution(LocomotionDistribution):
 
 class HumanoidDirDistribution(LocomotionDistribution):
     name, xml, frame_skip, paper_d = "humanoid_dir", "humanoid.xml", 5, 20.0
+    cost_floor_strict, cost_meaning = True, "the control cost sum_i a_i^2 of a Gaussian policy is positive at every step"
 
     def _draw(self, rng: np.random.Generator) -> dict[str, Any]:
         return {"direction": rng.uniform(0.0, math.pi / 2)}

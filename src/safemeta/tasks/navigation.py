@@ -262,11 +262,12 @@ class NavigationDistribution(P.ScaledLimitDistribution):
     robot: Robot = POINT
     paper_horizon: int = PAPER_HORIZON
     paper_d: float = PAPER_D
+    cost_meaning = "a step costs 0 or 1"
 
     def __init__(self, horizon: int | None = None, cost_limit: float | None = None,
                  sim_threads: int | None = None) -> None:
         super().__init__(horizon, cost_limit)
-        self.sim_threads = sim_threads
+        self.sim_threads = P.optional_integer(self.name, "sim_threads", sim_threads, minimum=1)
 
     def _check(self, params: dict[str, Any]) -> None:
         if not has_start_room(self.layout(params)):

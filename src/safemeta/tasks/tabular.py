@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
+from . import params as opt
 from .base import StepResult, Task, TaskDistribution, TaskParamError
 
 _ATOL = 1e-8
@@ -166,6 +167,20 @@ def limits_between(cmdp_no_limit: TabularCMDP, fractions: np.ndarray) -> np.ndar
     return lowest + np.asarray(fractions) * (uniform - lowest)
 
 
+def limit_fractions(scenario: str, value: Any) -> tuple[float, float]:
+    """Option `limit_fraction` [low, high]: kappa ~ U(low, high) places d = Jc_min + kappa (Jc(uniform)
+    - Jc_min) above the exact least cost Jc_min, which only a deterministic policy reaches; at
+    kappa <= 0 no softmax policy (every action with positive probability) meets d."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise TaskParamError(f"{scenario}: option 'limit_fraction' must be [low, high], got {value!r}")
+    lo, hi = (opt.real(scenario, "limit_fraction", v) for v in value)
+    if not 0.0 < lo <= hi:
+        raise TaskParamError(f"{scenario}: option 'limit_fraction' {list(value)} must have 0 < low <= high: d = "
+                             f"Jc_min + fraction (Jc(uniform) - Jc_min), and at a fraction <= 0 d is at or below the "
+                             f"exact least cost Jc_min, which no softmax policy meets")
+    return lo, hi
+
+
 # --------------------------------------------------------------------------- task families
 class TabularDistribution(TaskDistribution):
     """Common part of the tabular families: build the CMDP of a task; a sampled BatchEnv."""
@@ -210,17 +225,18 @@ class GridworldDistribution(TabularDistribution):
     def __init__(self, size: int = 5, n_hazards: int | list[int] = 3, slip: float = 0.1,
                  gamma: float = 0.9, rho_uniform: float = 0.1,
                  limit_fraction: list[float] = (0.9, 1.3), horizon: int = 100) -> None:
-        if int(size) < 2:
-            raise TaskParamError(f"tabular_grid: size must be >= 2, got {size!r}")
-        lo, hi = (n_hazards, n_hazards) if isinstance(n_hazards, (int, np.integer)) else n_hazards
-        if not 0 <= lo <= hi <= size * size - 2:
-            raise TaskParamError(f"tabular_grid: n_hazards {n_hazards!r} must lie in [0, size^2 - 2]")
-        if not 0.0 <= slip <= 1.0:
-            raise TaskParamError(f"tabular_grid: slip must be in [0, 1], got {slip!r}")
-        if not 0.0 < rho_uniform <= 1.0:
-            raise TaskParamError(f"tabular_grid: rho_uniform must be in (0, 1], got {rho_uniform!r}")
-        self.size, self.hazard_range, self.slip, self.gamma = int(size), (int(lo), int(hi)), float(slip), float(gamma)
-        self.rho_uniform, self.limit_fraction, self.horizon = float(rho_uniform), tuple(limit_fraction), int(horizon)
+        name = self.name
+        size = opt.integer(name, "size", size, minimum=2)
+        lo, hi = opt.count_range(name, "n_hazards", n_hazards)
+        if hi > size * size - 2:
+            raise TaskParamError(f"{name}: option 'n_hazards' {n_hazards!r} must lie in [0, size^2 - 2] = "
+                                 f"[0, {size * size - 2}]")
+        self.size, self.hazard_range = size, (lo, hi)
+        self.slip = opt.real(name, "slip", slip, low=0.0, high=1.0)
+        self.gamma = opt.real(name, "gamma", gamma, low=0.0, high=1.0, strict_high=True)
+        self.rho_uniform = opt.real(name, "rho_uniform", rho_uniform, low=0.0, high=1.0, strict_low=True)
+        self.limit_fraction = limit_fractions(name, limit_fraction)
+        self.horizon = opt.horizon(name, horizon)
 
     def _sample(self, rng: np.random.Generator, n: int) -> list[dict[str, Any]]:
         n_cells = self.size * self.size
@@ -285,15 +301,16 @@ class RandomCMDPDistribution(TabularDistribution):
     def __init__(self, num_states: int = 8, num_actions: int = 3, num_constraints: int = 1,
                  gamma: float = 0.9, branching: int = 3, task_noise: float = 0.3, family_seed: int = 0,
                  limit_fraction: list[float] = (0.9, 1.3), horizon: int = 100) -> None:
-        if num_states < 1 or num_actions < 2 or num_constraints < 1:
-            raise TaskParamError("tabular_random: need num_states >= 1, num_actions >= 2, num_constraints >= 1")
-        if not 1 <= branching <= num_states:
-            raise TaskParamError(f"tabular_random: branching must be in [1, num_states], got {branching!r}")
-        if not 0.0 <= task_noise <= 1.0:
-            raise TaskParamError(f"tabular_random: task_noise must be in [0, 1], got {task_noise!r}")
-        self.S, self.A, self.p, self.gamma = int(num_states), int(num_actions), int(num_constraints), float(gamma)
-        self.branching, self.task_noise, self.family_seed = int(branching), float(task_noise), int(family_seed)
-        self.limit_fraction, self.horizon = tuple(limit_fraction), int(horizon)
+        name = self.name
+        self.S = opt.integer(name, "num_states", num_states, minimum=1)
+        self.A = opt.integer(name, "num_actions", num_actions, minimum=2)
+        self.p = opt.integer(name, "num_constraints", num_constraints, minimum=1)
+        self.gamma = opt.real(name, "gamma", gamma, low=0.0, high=1.0, strict_high=True)
+        self.branching = opt.integer(name, "branching", branching, minimum=1, maximum=self.S)
+        self.task_noise = opt.real(name, "task_noise", task_noise, low=0.0, high=1.0)
+        self.family_seed = opt.integer(name, "family_seed", family_seed, minimum=0)
+        self.limit_fraction = limit_fractions(name, limit_fraction)
+        self.horizon = opt.horizon(name, horizon)
 
     def _random_parts(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         P = np.zeros((self.S, self.A, self.S))
