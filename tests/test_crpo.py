@@ -153,15 +153,16 @@ def test_default_crpo_steps_match_the_other_methods_data():
 
 
 def test_a_scenario_metatrain_key_needs_one_method_that_reads_it():
-    config = {"scenarios": {"s": {"distribution": "tabular_random", "metatrain": {"max_kl": 0.01}}},
+    config = {"scenarios": {"s": {"distribution": "tabular_random", "metatrain": {"max_kl": 0.005}}},
               "methods": {"c": {"algorithm": "meta_crpo"}}}
     with pytest.raises(ConfigError, match=r"config key 'scenarios\.s\.metatrain\.max_kl': not read by any method"):
         load_config(config)
     config["methods"]["m"] = {"algorithm": "maml_penalty"}   # MAML's TRPO outer step reads it
     resolved = load_config(config)
-    assert resolved["scenarios"]["s"]["metatrain"] == {"max_kl": 0.01}
-    # each job's config part keeps the keys its method reads, and is a valid config by itself
+    assert resolved["scenarios"]["s"]["metatrain"] == {"max_kl": 0.005}
+    # each job's config part holds the effective values of the keys its method reads (the
+    # scenario's override folded in), and is a valid config by itself
     parts = {m: stage_config(resolved, "meta_train", "s", m) for m in ("c", "m")}
-    assert parts["c"]["scenarios"]["s"]["metatrain"] == {} and parts["m"]["scenarios"]["s"]["metatrain"] == {"max_kl": 0.01}
+    assert "max_kl" not in parts["c"]["metatrain"] and parts["m"]["metatrain"]["max_kl"] == 0.005
     for part in parts.values():
         load_config(part)
