@@ -28,6 +28,7 @@ What an implementer provides (subclass `MetaLearner`):
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
@@ -35,6 +36,7 @@ import torch
 
 from ..evaluate import adaptation_sequences
 from ..optim import fisher_vector_product, flat_grad, trpo_step
+from ..policies import TabularSoftmaxPolicy, policy_from_checkpoint
 from ..records import Var
 
 if TYPE_CHECKING:
@@ -118,6 +120,55 @@ class MetaLearner:
 
     def policy(self, state: Any) -> Any:
         raise NotImplementedError
+
+
+@dataclass
+class TabularMetaState:
+    """The checkpointed state of a tabular meta-learner: the meta-policy's logits."""
+
+    iteration: int
+    logits: np.ndarray
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class NeuralMetaState:
+    """The checkpointed state of a sampled meta-learner: the meta-policy's checkpoint dict."""
+
+    iteration: int
+    policy: dict[str, Any]
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+class TabularMetaLearner(MetaLearner):
+    """Shared by the exact meta-learners: the training tasks' CMDPs, the uniform meta-policy
+    (phi = 0) as the start, a tabular softmax policy of the state's logits."""
+
+    State = TabularMetaState
+
+    def __init__(self, scenario, operator, settings, train, evaluation, seed):
+        super().__init__(scenario, operator, settings, train, evaluation, seed)
+        self.train_cmdps = [scenario.distribution.cmdp(t) for t in train]
+
+    def initial_state(self) -> TabularMetaState:
+        m = self.train_cmdps[0]
+        return TabularMetaState(0, np.zeros((m.num_states, m.num_actions)))
+
+    def policy(self, state: Any) -> TabularSoftmaxPolicy:
+        return TabularSoftmaxPolicy(state.logits)
+
+
+class NeuralMetaLearner(MetaLearner):
+    """Shared by the sampled meta-learners: a freshly initialised meta-policy (weights from a
+    generator of the seed) as the start, the policy of the state's checkpoint dict."""
+
+    State = NeuralMetaState
+
+    def initial_state(self) -> NeuralMetaState:
+        return NeuralMetaState(0, self.scenario.fresh_policy(self.train_tasks[0], self.seed, "sampled").to_checkpoint())
+
+    def policy(self, state: NeuralMetaState) -> "NeuralPolicy":
+        return policy_from_checkpoint(state.policy)
 
 
 def crpo_switch(branches: list[str], switch: str) -> list[int]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import numpy as np
@@ -39,7 +39,8 @@ from ..policies import NeuralPolicy, TabularSoftmaxPolicy, policy_from_checkpoin
 from ..records import Var
 from ..rollout import derived_seed
 from ..tasks.tabular import TabularCMDP, evaluate, evaluate_torch
-from .base import TRPO_STEP_VARS, MetaLearner, evaluate_one_step, trpo_meta_step
+from .base import (TRPO_STEP_VARS, NeuralMetaLearner, NeuralMetaState, TabularMetaLearner, TabularMetaState,
+                   evaluate_one_step, trpo_meta_step)
 
 N_PENALISED = Var((), "training tasks whose adapted policy violated d (hinge active in the outer loss)", "1")
 BATCH_VARS: dict[str, Var] = {
@@ -101,35 +102,16 @@ class ExactMAMLSettings:
     eval_tasks: int | None
 
 
-@dataclass
-class ExactMAMLState:
-    iteration: int
-    logits: np.ndarray
-    records: list[dict[str, Any]] = field(default_factory=list)
-
-
-class ExactMAMLPenalty(MetaLearner):
+class ExactMAMLPenalty(TabularMetaLearner):
     """MAML + penalty on tabular CMDPs with exact values (module doc); the meta-policy starts uniform."""
 
     name = "maml_penalty"
     kinds = ("exact",)
     operator = "pg_penalty"
     Settings = ExactMAMLSettings
-    State = ExactMAMLState
     record_vars = {"n_violating": N_PENALISED, **BATCH_VARS, **TRPO_STEP_VARS}
 
-    def __init__(self, scenario, operator, settings, train, evaluation, seed):
-        super().__init__(scenario, operator, settings, train, evaluation, seed)
-        self.train_cmdps = [scenario.distribution.cmdp(t) for t in train]
-
-    def initial_state(self) -> ExactMAMLState:
-        m = self.train_cmdps[0]
-        return ExactMAMLState(0, np.zeros((m.num_states, m.num_actions)))
-
-    def policy(self, state: ExactMAMLState) -> TabularSoftmaxPolicy:
-        return TabularSoftmaxPolicy(state.logits)
-
-    def iteration(self, state: ExactMAMLState) -> None:
+    def iteration(self, state: TabularMetaState) -> None:
         settings, adaptation, n = self.settings, self.adapt.settings, state.iteration
         t0 = time.perf_counter()
         logits = state.logits
@@ -205,31 +187,16 @@ class SampledMAMLSettings:
     kl_limit: float
 
 
-@dataclass
-class SampledMAMLState:
-    iteration: int
-    policy: dict[str, Any]                     # checkpoint dict of the meta-policy
-    records: list[dict[str, Any]] = field(default_factory=list)
-
-
-class SampledMAMLPenalty(MetaLearner):
+class SampledMAMLPenalty(NeuralMetaLearner):
     """MAML-TRPO + penalty on sampled scenarios (module doc); two batches per training task."""
 
     name = "maml_penalty"
     kinds = ("sampled",)
     operator = "pg_penalty"
     Settings = SampledMAMLSettings
-    State = SampledMAMLState
     record_vars = {"n_violating": N_PENALISED, **BATCH_VARS, **TRPO_STEP_VARS}
 
-    def initial_state(self) -> SampledMAMLState:
-        """A freshly initialised meta-policy (weights from a generator of the seed, as Alg. 4's)."""
-        return SampledMAMLState(0, self.scenario.fresh_policy(self.train_tasks[0], self.seed, "sampled").to_checkpoint())
-
-    def policy(self, state: SampledMAMLState) -> NeuralPolicy:
-        return policy_from_checkpoint(state.policy)
-
-    def iteration(self, state: SampledMAMLState) -> None:
+    def iteration(self, state: NeuralMetaState) -> None:
         settings, adapt, seed, n = self.settings, self.adapt, self.seed, state.iteration
         meta = policy_from_checkpoint(state.policy).to(self.scenario.device)
         record: dict[str, Any] = {"iteration": n}

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -56,7 +56,8 @@ from ..policies import NeuralPolicy, TabularSoftmaxPolicy, policy_from_checkpoin
 from ..records import Var
 from ..rollout import derived_seed
 from ..tasks.tabular import TabularCMDP, evaluate, evaluate_torch
-from .base import BATCH_VARS, N_VIOLATING, TRPO_STEP_VARS, MetaLearner, batch_record, evaluate_one_step
+from .base import (BATCH_VARS, N_VIOLATING, TRPO_STEP_VARS, NeuralMetaLearner, NeuralMetaState, TabularMetaLearner,
+                   TabularMetaState, batch_record, evaluate_one_step)
 
 OUTER_BACKTRACK_RATIO = 0.5   # the meta-step's line search shrinks as the paper's method's TRPO step (optim.trpo_step)
 
@@ -109,14 +110,7 @@ class ExactMetaCPOSettings:
     eval_tasks: int | None
 
 
-@dataclass
-class ExactMetaCPOState:
-    iteration: int
-    logits: np.ndarray
-    records: list[dict[str, Any]] = field(default_factory=list)
-
-
-class ExactMetaCPO(MetaLearner):
+class ExactMetaCPO(TabularMetaLearner):
     """Meta-CPO on tabular CMDPs with exact values (module docstring); records as the exact
     paper's method: evaluation of every iteration's meta-policy, then the step's statistics."""
 
@@ -124,22 +118,9 @@ class ExactMetaCPO(MetaLearner):
     kinds = ("exact",)
     operator = "cpo"
     Settings = ExactMetaCPOSettings
-    State = ExactMetaCPOState
     record_vars = {"n_violating": N_VIOLATING, **TRPO_STEP_VARS, **OUTER_VARS}
 
-    def __init__(self, scenario, operator, settings, train, evaluation, seed):
-        super().__init__(scenario, operator, settings, train, evaluation, seed)
-        self.train_cmdps = [scenario.distribution.cmdp(t) for t in train]
-
-    def initial_state(self) -> ExactMetaCPOState:
-        """The uniform meta-policy (phi = 0)."""
-        m = self.train_cmdps[0]
-        return ExactMetaCPOState(0, np.zeros((m.num_states, m.num_actions)))
-
-    def policy(self, state: ExactMetaCPOState) -> TabularSoftmaxPolicy:
-        return TabularSoftmaxPolicy(state.logits)
-
-    def iteration(self, state: ExactMetaCPOState) -> None:
+    def iteration(self, state: TabularMetaState) -> None:
         settings, inner_settings, fd = self.settings, self.adapt.settings, self.settings.fisher_derivative
         n, logits = state.iteration, state.logits
         t0 = time.perf_counter()
@@ -204,13 +185,6 @@ class SampledMetaCPOSettings:
 
 
 @dataclass
-class SampledMetaCPOState:
-    iteration: int
-    policy: dict[str, Any]                     # checkpoint dict of the meta-policy
-    records: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass
 class _Task:
     """What the outer step needs of one training task: its two batches' surrogates and gradients."""
 
@@ -231,24 +205,16 @@ def sampled_meta_gradient(meta: NeuralPolicy, inner: BatchSurrogates, adapted_ba
     return _Task(inner, outer, step, grad.detach(), cost_grad.detach())
 
 
-class SampledMetaCPO(MetaLearner):
+class SampledMetaCPO(NeuralMetaLearner):
     """Meta-CPO on sampled scenarios (module docstring); records as the sampled paper's method."""
 
     name = "meta_cpo"
     kinds = ("sampled",)
     operator = "cpo"
     Settings = SampledMetaCPOSettings
-    State = SampledMetaCPOState
     record_vars = {**BATCH_VARS, "n_violating": N_VIOLATING, **TRPO_STEP_VARS, **OUTER_VARS}
 
-    def initial_state(self) -> SampledMetaCPOState:
-        """A freshly initialised meta-policy (weights from a generator of the seed)."""
-        return SampledMetaCPOState(0, self.scenario.fresh_policy(self.train_tasks[0], self.seed, "sampled").to_checkpoint())
-
-    def policy(self, state: SampledMetaCPOState) -> NeuralPolicy:
-        return policy_from_checkpoint(state.policy)
-
-    def iteration(self, state: SampledMetaCPOState) -> None:
+    def iteration(self, state: NeuralMetaState) -> None:
         settings, adapt, seed = self.settings, self.adapt, self.seed
         meta = policy_from_checkpoint(state.policy).to(self.scenario.device)
         n = state.iteration

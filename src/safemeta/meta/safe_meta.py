@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import numpy as np
@@ -44,8 +44,8 @@ from ..optim import flat_grad
 from ..policies import NeuralPolicy, policy_from_checkpoint
 from ..registry import OptionError
 from ..rollout import Batch, derived_seed, time_baseline
-from .base import (BATCH_VARS, N_VIOLATING, TRPO_STEP_VARS, MetaLearner, batch_record, crpo_switch, evaluate_one_step,
-                   trpo_meta_step)
+from .base import (BATCH_VARS, N_VIOLATING, TRPO_STEP_VARS, NeuralMetaLearner, NeuralMetaState, batch_record, crpo_switch,
+                   evaluate_one_step, trpo_meta_step)
 
 
 @dataclass(frozen=True)
@@ -68,13 +68,6 @@ class SampledMetaTrainSettings:
     eval_every: int
     eval_tasks: int | None
     kl_limit: float
-
-
-@dataclass
-class SampledMetaTrainState:
-    iteration: int
-    policy: dict[str, Any]                     # checkpoint dict of the meta-policy
-    records: list[dict[str, Any]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- per-task directions
@@ -151,7 +144,7 @@ def cost_surrogate(meta: NeuralPolicy, batch: Batch, i: int) -> Callable[[dict |
 
 
 # --------------------------------------------------------------------------- Alg. 4
-class SampledSafeMeta(MetaLearner):
+class SampledSafeMeta(NeuralMetaLearner):
     """Alg. 4 (module docstring); the adaptations are the sampled A^s operator's steps.
 
     Records as the exact version; the evaluation variables are NaN between evaluations
@@ -162,7 +155,6 @@ class SampledSafeMeta(MetaLearner):
     kinds = ("sampled",)
     operator = "dual_pgd"
     Settings = SampledMetaTrainSettings
-    State = SampledMetaTrainState
     record_vars = {**BATCH_VARS, "n_violating": N_VIOLATING, **TRPO_STEP_VARS}
 
     @classmethod
@@ -171,15 +163,7 @@ class SampledSafeMeta(MetaLearner):
             raise OptionError("meta_gradient", f"meta_gradient {settings.meta_gradient!r} is not available on sampled "
                               f"scenarios (available: first_order, Alg. 4 line 7; full, with the grad u* term)")
 
-    def initial_state(self) -> SampledMetaTrainState:
-        """A freshly initialised meta-policy (weights from a generator of the seed)."""
-        policy = self.scenario.fresh_policy(self.train_tasks[0], self.seed, "sampled")
-        return SampledMetaTrainState(0, policy.to_checkpoint())
-
-    def policy(self, state: SampledMetaTrainState) -> NeuralPolicy:
-        return policy_from_checkpoint(state.policy)
-
-    def iteration(self, state: SampledMetaTrainState) -> None:
+    def iteration(self, state: NeuralMetaState) -> None:
         settings, adapt, seed = self.settings, self.adapt, self.seed
         meta = policy_from_checkpoint(state.policy).to(self.scenario.device)
         n = state.iteration

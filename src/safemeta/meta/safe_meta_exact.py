@@ -52,7 +52,7 @@ from ..adaptation.dual_pgd import AdaptResult, ExactAdaptationSettings, adapted_
 from ..optim import mean_kl, softmax_fisher_vector_product, trpo_step
 from ..policies import TabularSoftmaxPolicy
 from ..tasks.tabular import TabularCMDP, evaluate, evaluate_torch
-from .base import N_VIOLATING, TRPO_STEP_VARS, MetaLearner, crpo_switch, evaluate_one_step
+from .base import N_VIOLATING, TRPO_STEP_VARS, TabularMetaLearner, crpo_switch, evaluate_one_step
 
 META_GRADIENTS = ("eq6", "full", "first_order")
 AdaptationSettings = ExactAdaptationSettings
@@ -143,7 +143,7 @@ class MetaTrainState:
     records: list[dict[str, Any]] = field(default_factory=list)
 
 
-class ExactSafeMeta(MetaLearner):
+class ExactSafeMeta(TabularMetaLearner):
     """Alg. 2 on tabular CMDPs with exact values (module docstring).
 
     records[n] holds the exact evaluation of phi_n on the evaluation tasks (meta-policy and
@@ -158,17 +158,10 @@ class ExactSafeMeta(MetaLearner):
     State = MetaTrainState
     record_vars = {"n_violating": N_VIOLATING, **TRPO_STEP_VARS}
 
-    def __init__(self, scenario, operator, settings, train, evaluation, seed):
-        super().__init__(scenario, operator, settings, train, evaluation, seed)
-        self.train_cmdps = [scenario.distribution.cmdp(t) for t in train]
-
     def initial_state(self) -> MetaTrainState:
         """Uniform meta-policy (phi = 0) and the batch-sampling generator of this seed."""
         m = self.train_cmdps[0]
         return initial_state(m.num_states, m.num_actions, self.seed)
-
-    def policy(self, state: MetaTrainState) -> TabularSoftmaxPolicy:
-        return TabularSoftmaxPolicy(state.logits)
 
     def iteration(self, state: MetaTrainState) -> None:
         settings, adaptation, train = self.settings, self.adapt.settings, self.train_cmdps
