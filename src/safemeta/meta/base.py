@@ -38,6 +38,7 @@ from ..evaluate import adaptation_sequences
 from ..optim import fisher_vector_product, flat_grad, trpo_step
 from ..policies import TabularSoftmaxPolicy, policy_from_checkpoint
 from ..records import Var
+from ..rollout import derived_seed
 
 if TYPE_CHECKING:
     from ..adaptation.base import AdaptationOperator
@@ -169,6 +170,18 @@ class NeuralMetaLearner(MetaLearner):
 
     def policy(self, state: NeuralMetaState) -> "NeuralPolicy":
         return policy_from_checkpoint(state.policy)
+
+    def evaluate_if_due(self, meta: "NeuralPolicy", n: int, record: dict[str, Any]) -> float:
+        """At every `eval_every`-th iteration and the last, the one-step evaluation of `meta` on
+        the evaluation tasks into `record`; returns the time it spent sampling."""
+        settings = self.settings
+        if n % settings.eval_every and n != settings.iterations:
+            return 0.0
+        eval_seed = derived_seed(self.seed, n, 7)
+        evaluation, t_sampling = evaluate_one_step(self.adapt, self.evaluation, meta,
+                                                   lambda j, k: derived_seed(eval_seed, j, k))
+        record.update(evaluation)
+        return t_sampling
 
 
 def crpo_switch(branches: list[str], switch: str) -> list[int]:

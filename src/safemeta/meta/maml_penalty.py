@@ -201,11 +201,7 @@ class SampledMAMLPenalty(NeuralMetaLearner):
         meta = policy_from_checkpoint(state.policy).to(self.scenario.device)
         record: dict[str, Any] = {"iteration": n}
         t_sampling, start = 0.0, time.perf_counter()
-        if n % settings.eval_every == 0 or n == settings.iterations:
-            eval_seed = derived_seed(seed, n, 7)
-            evaluation, t_eval = evaluate_one_step(adapt, self.evaluation, meta, lambda j, k: derived_seed(eval_seed, j, k))
-            record.update(evaluation)
-            t_sampling += t_eval
+        t_sampling += self.evaluate_if_due(meta, n, record)
         if n == settings.iterations:
             record["time_sampling"], record["time_compute"] = t_sampling, time.perf_counter() - start - t_sampling
             state.records.append(record)

@@ -221,11 +221,7 @@ class SampledMetaCPO(NeuralMetaLearner):
         record: dict[str, Any] = {"iteration": n}
         t_sampling = 0.0
         start = time.perf_counter()
-        if n % settings.eval_every == 0 or n == settings.iterations:
-            eval_seed = derived_seed(seed, n, 7)
-            evaluation, t_eval = evaluate_one_step(adapt, self.evaluation, meta, lambda j, k: derived_seed(eval_seed, j, k))
-            record.update(evaluation)
-            t_sampling += t_eval
+        t_sampling += self.evaluate_if_due(meta, n, record)
         if n == settings.iterations:
             record["time_sampling"], record["time_compute"] = t_sampling, time.perf_counter() - start - t_sampling
             state.records.append(record)
