@@ -122,7 +122,7 @@ def measure(name: str, rollouts: int, horizon: int, tasks: int, repeats: int, su
     scenario = Scenario(name, dist, SamplingSettings(rollouts, 0.99, 1.0), check_block({}, "scenario", "")["policy"])
     recorder = Recorder(scenario)
     extra = {} if subsample is None else {"fisher_subsample": subsample}
-    operator = SampledDualPGD(scenario, settings(SampledAdaptationSettings, lam_c=1.0, kl_target=0.03))
+    operator = SampledDualPGD(scenario, settings(SampledAdaptationSettings, lam_c=1.0, kl_target=0.03, **extra))
     meta_settings = settings(safe_meta.SampledMetaTrainSettings, iterations=2, tasks_per_iteration=tasks,
                              max_kl=1e-3, cg_iters=20, cg_damping=0.1, eval_every=1000, constrain_adapted=True, **extra)
     learner = safe_meta.SampledSafeMeta(scenario, operator, meta_settings, train, test, 0)
@@ -145,6 +145,8 @@ def measure(name: str, rollouts: int, horizon: int, tasks: int, repeats: int, su
         runs.append((time.process_time() - cpu, time.perf_counter() - wall, adapt_clock.total, meta_clock.total))
     record = st.records[-1]
     safe_meta.trpo_meta_step = trpo_meta_step
+    agreement = {} if subsample is None or subsample >= 1 else _full_fisher_agreement(
+        learner, start_state, st, record, scenario, train, test)
 
     # the plain step: the same meta-policy batches, policy-gradient surrogates, the same TRPO step
     meta = learner.policy(start_state)
@@ -192,7 +194,31 @@ def measure(name: str, rollouts: int, horizon: int, tasks: int, repeats: int, su
             "iteration_wall": med([r[1] for r in runs]), "adapt": med([r[2] for r in runs]),
             "meta_step": med([r[3] for r in runs]), "plain": med(plain), "maml": med(maml),
             "n_violating": int(record["n_violating"]),
-            "step_accepted": bool(record["step_accepted"])}
+            "step_accepted": bool(record["step_accepted"]), **agreement}
+
+
+def _full_fisher_agreement(learner, start_state, sub_state, sub_record, scenario, train, test) -> dict:
+    """The subsampled iteration against the same iteration with the full Fisher, on the same
+    replayed samples: cosine and norm ratio of the meta-steps (phi' - phi), both steps' full-batch
+    KL, and the mean adaptation KL of each (the adaptations' radius, kl_target)."""
+    import dataclasses
+
+    import safemeta.meta.safe_meta as safe_meta
+
+    full_settings = dataclasses.replace(learner.settings, fisher_subsample=1.0)
+    full_operator = learner.adapt.with_settings(fisher_subsample=1.0)
+    full = safe_meta.SampledSafeMeta(scenario, full_operator, full_settings, train, test, 0)
+    full_state = copy.deepcopy(start_state)
+    full.iteration(full_state)
+    phi = learner.policy(start_state).flat()
+    d_sub, d_full = learner.policy(sub_state).flat() - phi, full.policy(full_state).flat() - phi
+    norms = float(d_sub.norm()), float(d_full.norm())
+    cos = float(d_sub @ d_full) / (norms[0] * norms[1]) if min(norms) > 0 else float("nan")
+    rec = full_state.records[-1]
+    return {"cos": cos, "norm_ratio": norms[0] / norms[1] if norms[1] > 0 else float("nan"),
+            "step_kl_sub": float(sub_record["step_kl"]), "step_kl_full": float(rec["step_kl"]),
+            "adapt_kl_sub": float(sub_record["batch_adapt_kl"]), "adapt_kl_full": float(rec["batch_adapt_kl"]),
+            "accepted_full": bool(rec["step_accepted"])}
 
 
 def _task_seeds(state, tasks: int) -> list[int]:
@@ -239,7 +265,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a quarter of the horizon")
     parser.add_argument("--reference", help="source tree of the reference package (e.g. main's src/)")
-    parser.add_argument("--fisher-subsample", type=float, help="this tree's fisher_subsample (meta-step only)")
+    parser.add_argument("--fisher-subsample", type=float, help="this tree's fisher_subsample (the meta-step's and the adaptations')")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -260,6 +286,10 @@ def main() -> None:
         if ref is not None:
             line += f" {ref['iteration']:10.2f} {ref['iteration'] / r['iteration']:8.2f}"
         print(line, flush=True)
+        if "cos" in r:
+            print(f"{'':18s} vs the full Fisher on the same samples: meta-step cosine {r['cos']:.4f}, norm ratio "
+                  f"{r['norm_ratio']:.3f}, step KL {r['step_kl_sub']:.2e} (full {r['step_kl_full']:.2e}), "
+                  f"adaptation KL {r['adapt_kl_sub']:.4f} (full {r['adapt_kl_full']:.4f})", flush=True)
 
 
 if __name__ == "__main__":

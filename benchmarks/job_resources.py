@@ -57,19 +57,21 @@ def seconds(ds, names: tuple[str, ...], **index) -> float:
     return float(sum(ds[n].isel(**index).sum() for n in names if n in ds))
 
 
-def measure(raw: dict, scenario: str, iterations: int, steps: int, threads: int, work: Path) -> dict:
-    full = validate_config(raw)
-    method = runs_on(full, "methods", scenario)[0]
+def measure(raw: dict, scenario: str, iterations: int, steps: int, threads: int, work: Path,
+            method: str | None = None) -> dict:
+    """The jobs of `method` (default: the scenario's first) on `scenario`, shortened (module docstring)."""
+    full = validate_config(copy.deepcopy(raw))
+    method = method or runs_on(full, "methods", scenario)[0]
     train_cfg, test_cfg = effective(full, "metatrain", scenario), effective(full, "metatest", scenario)
     short = copy.deepcopy(raw)
     scen = short["scenarios"][scenario]
     scen["metatrain"] = {**scen.get("metatrain", {}), "iterations": iterations}
     scen["metatest"] = {**scen.get("metatest", {}), "adapt_steps": steps}
-    config = work / f"{scenario}.json"
+    config = work / f"{scenario}-{method}.json"
     config.write_text(json.dumps(short))
     exe = [sys.executable, "-m", "safemeta.cli"]
     common = ["--config", str(config), "--scenario", scenario, "--seed", "0"]
-    tasks, out = work / f"{scenario}-tasks.json", work / scenario
+    tasks, out = work / f"{scenario}-{method}-tasks.json", work / f"{scenario}-{method}"
     run([*exe, "tasks", *common, "--out", str(tasks)])
     train_wall, train_cpu, train_rss = run([*exe, "meta-train", *common, "--method", method, "--tasks", str(tasks),
                                  "--out-dir", str(out), "--threads", str(threads), "--quiet"])
