@@ -86,15 +86,16 @@ def unit_costs(raw: dict, full: dict, scenarios: list[str], args, work: Path) ->
         key = ("meta", scenario, select(full, "methods", method)["algorithm"])
         if key not in units:
             units[key] = measure_meta(raw, scenario, args.iterations, args.steps, 1, work, method=method)
-    for scenario, learner in grid(full, "learners"):
+    for scenario, learner in grid(full, "learners") if args.learners else []:
         if scenario in scenarios:
             units[("learner", scenario, learner)] = measure_learner(raw, scenario, learner,
                                                                    args.learner_iterations, work)
     return units
 
 
-def job_hours(full: dict, scenarios: list[str], units: dict) -> dict:
-    """Hours per (stage, scenario, label) summed over the config's seeds."""
+def job_hours(full: dict, scenarios: list[str], units: dict, learners: bool = True) -> dict:
+    """Hours per (stage, scenario, label) summed over the config's seeds (`learners` False: the
+    meta_train and meta_test jobs only)."""
     seeds = len(full["seeds"])
     hours = {}
     for scenario, method in grid(full, "methods"):
@@ -103,7 +104,7 @@ def job_hours(full: dict, scenarios: list[str], units: dict) -> dict:
         u = units[("meta", scenario, select(full, "methods", method)["algorithm"])]
         hours[("meta_train", scenario, method)] = seeds * u["train_full_h"]
         hours[("meta_test", scenario, method)] = seeds * u["test_full_h"]
-    for scenario, learner in grid(full, "learners"):
+    for scenario, learner in grid(full, "learners") if learners else []:
         if scenario not in scenarios:
             continue
         u, entry = units[("learner", scenario, learner)], select(full, "learners", learner)
@@ -127,6 +128,8 @@ def run_child(args, src: str | None, config: str) -> dict:
     """The unit costs measured by a child process on tree `src` (None: this tree) with `config`."""
     cmd = [sys.executable, __file__, "--child", "--config", config, "--iterations", str(args.iterations),
            "--steps", str(args.steps), "--learner-iterations", str(args.learner_iterations)]
+    if not args.learners:
+        cmd.append("--no-learners")
     if args.scenarios:
         cmd += ["--scenarios", *args.scenarios]
     out = subprocess.run(cmd, env=_tree_env(src), capture_output=True, text=True)
@@ -143,6 +146,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=2, help="meta-iterations measured (at least 2)")
     parser.add_argument("--steps", type=int, default=1, help="meta-test adaptation steps measured")
     parser.add_argument("--learner-iterations", type=int, default=2, help="single-task iterations measured")
+    parser.add_argument("--no-learners", dest="learners", action="store_false",
+                        help="the meta_train and meta_test jobs only (no single_task)")
     parser.add_argument("--reference", help="source tree of the reference package (e.g. main's src/)")
     parser.add_argument("--reference-config", help="the reference's config (default --config; e.g. its own "
                                                    "paper.yaml where this one sets keys it does not know)")
@@ -158,11 +163,11 @@ def main() -> None:
                                      if args.reference else [])
     with ThreadPoolExecutor(len(trees)) as pool:
         measured = list(pool.map(lambda tree: run_child(args, *tree), trees))
-    this = job_hours(full, scenarios, measured[0])
+    this = job_hours(full, scenarios, measured[0], args.learners)
     ref = None
     if args.reference:   # the reference's grid: the same jobs (its config may differ in keys this tree adds)
         ref_raw = yaml.safe_load(Path(args.reference_config or args.config).read_text())
-        ref = job_hours(validate_config(copy.deepcopy(ref_raw)), scenarios, measured[1])
+        ref = job_hours(validate_config(copy.deepcopy(ref_raw)), scenarios, measured[1], args.learners)
     print(f"{args.config}" + (f" (reference: {args.reference} with {args.reference_config or args.config})"
                                if args.reference else "") + f": {len(full['seeds'])} seeds; CPU hours of one core per (stage, scenario, label), "
           f"summed over the seeds; units measured with {args.iterations} meta-iterations, {args.steps} "
@@ -176,6 +181,8 @@ def main() -> None:
         print(line)
     for stage in ("meta_train", "meta_test", "single_task", None):
         keys = [k for k in this if stage is None or k[0] == stage]
+        if not keys:
+            continue
         total = sum(this[k] for k in keys)
         line = f"{'total' if stage is None else stage + ' total':<52} {total:8.2f}"
         if ref:
