@@ -15,8 +15,10 @@ A job's hours are then start-up + its count of each unit x the unit's seconds (m
 iterations, iterations // eval_every + 1 evaluations; meta_test: adapt_steps steps and step 0;
 single_task: n_tasks x (iterations + 1)). Methods of one algorithm on a scenario (the safemeta_delta*
 sweep) share safemeta's measured costs: the margin delta changes what is adapted, not the work.
-Where the early policy's episodes end early (hopper, humanoid fall: `lived` < 1), later policies
-live longer and the sampling share grows up to 1/lived: the estimate is a lower bound there.
+Where the early policy's episodes end early (humanoid_dir's fall: `lived`, the share of the horizon
+it lives, < 1), later policies live longer and the jobs grow: the measured hours are a lower bound
+there and the "long" columns (the meta jobs / lived: sampling and computation both grow with the
+states) the estimate with every episode as long as the horizon.
 
 With --reference SRC (a source tree of the package, e.g. main's src/ before issue 15), every unit
 is measured on that code too, concurrently with this tree's (one process each, one core each on a
@@ -93,17 +95,20 @@ def unit_costs(raw: dict, full: dict, scenarios: list[str], args, work: Path) ->
     return units
 
 
-def job_hours(full: dict, scenarios: list[str], units: dict, learners: bool = True) -> dict:
+def job_hours(full: dict, scenarios: list[str], units: dict, learners: bool = True,
+              full_length: bool = False) -> dict:
     """Hours per (stage, scenario, label) summed over the config's seeds (`learners` False: the
-    meta_train and meta_test jobs only)."""
+    meta_train and meta_test jobs only; `full_length`: the meta jobs divided by `lived`, as if
+    every episode lasted the horizon: sampling and computation both grow with the states)."""
     seeds = len(full["seeds"])
     hours = {}
     for scenario, method in grid(full, "methods"):
         if scenario not in scenarios:
             continue
         u = units[("meta", scenario, select(full, "methods", method)["algorithm"])]
-        hours[("meta_train", scenario, method)] = seeds * u["train_full_h"]
-        hours[("meta_test", scenario, method)] = seeds * u["test_full_h"]
+        grow = 1.0 / u["lived"] if full_length else 1.0
+        hours[("meta_train", scenario, method)] = seeds * u["train_full_h"] * grow
+        hours[("meta_test", scenario, method)] = seeds * u["test_full_h"] * grow
     for scenario, learner in grid(full, "learners") if learners else []:
         if scenario not in scenarios:
             continue
@@ -164,30 +169,29 @@ def main() -> None:
     with ThreadPoolExecutor(len(trees)) as pool:
         measured = list(pool.map(lambda tree: run_child(args, *tree), trees))
     this = job_hours(full, scenarios, measured[0], args.learners)
+    longest = job_hours(full, scenarios, measured[0], args.learners, full_length=True)
     ref = None
     if args.reference:   # the reference's grid: the same jobs (its config may differ in keys this tree adds)
-        ref_raw = yaml.safe_load(Path(args.reference_config or args.config).read_text())
-        ref = job_hours(validate_config(copy.deepcopy(ref_raw)), scenarios, measured[1], args.learners)
+        ref_full = validate_config(copy.deepcopy(yaml.safe_load(Path(args.reference_config or args.config).read_text())))
+        ref = job_hours(ref_full, scenarios, measured[1], args.learners)
+        ref_longest = job_hours(ref_full, scenarios, measured[1], args.learners, full_length=True)
     print(f"{args.config}" + (f" (reference: {args.reference} with {args.reference_config or args.config})"
                                if args.reference else "") + f": {len(full['seeds'])} seeds; CPU hours of one core per (stage, scenario, label), "
           f"summed over the seeds; units measured with {args.iterations} meta-iterations, {args.steps} "
-          f"meta-test step(s), {args.learner_iterations} single-task iterations")
-    head = f"{'stage':<12} {'scenario':<20} {'label':<18} {'this h':>8}"
-    print(head + (f" {'ref h':>8} {'ref/this':>8}" if ref else ""))
-    for key in this:
-        line = f"{key[0]:<12} {key[1]:<20} {key[2]:<18} {this[key]:8.2f}"
-        if ref:
-            line += f" {ref[key]:8.2f} {ref[key] / this[key]:8.2f}"
-        print(line)
-    for stage in ("meta_train", "meta_test", "single_task", None):
-        keys = [k for k in this if stage is None or k[0] == stage]
+          f"meta-test step(s), {args.learner_iterations} single-task iterations; 'long': every episode of the "
+          f"horizon (h / lived, where the early policy falls)")
+    head = f"{'stage':<12} {'scenario':<20} {'label':<18} {'this h':>8} {'long':>8}"
+    print(head + (f" {'ref h':>8} {'long':>8} {'ref/this':>8}" if ref else ""))
+    rows = [(k, [k]) for k in this] + [((stage or "total", "", ""), [k for k in this if stage in (None, k[0])])
+                                       for stage in ("meta_train", "meta_test", "single_task", None)]
+    for key, keys in rows:
         if not keys:
             continue
-        total = sum(this[k] for k in keys)
-        line = f"{'total' if stage is None else stage + ' total':<52} {total:8.2f}"
+        total, long = sum(this[k] for k in keys), sum(longest[k] for k in keys)
+        line = f"{key[0]:<12} {key[1]:<20} {key[2]:<18} {total:8.2f} {long:8.2f}"
         if ref:
             ref_total = sum(ref[k] for k in keys)
-            line += f" {ref_total:8.2f} {ref_total / total:8.2f}"
+            line += f" {ref_total:8.2f} {sum(ref_longest[k] for k in keys):8.2f} {ref_total / total:8.2f}"
         print(line, flush=True)
 
 

@@ -35,9 +35,9 @@ def _config() -> dict:
 def test_job_hours_counts_every_job_of_the_grid_once_per_seed():
     full = _config()
     units = {
-        ("meta", "tabular_random", "safemeta"): {"train_full_h": 1.0, "test_full_h": 0.25},
-        ("meta", "tabular_random", "maml_penalty"): {"train_full_h": 2.0, "test_full_h": 0.5},
-        ("meta", "tabular_grid", "safemeta"): {"train_full_h": 4.0, "test_full_h": 1.0},
+        ("meta", "tabular_random", "safemeta"): {"train_full_h": 1.0, "test_full_h": 0.25, "lived": 1.0},
+        ("meta", "tabular_random", "maml_penalty"): {"train_full_h": 2.0, "test_full_h": 0.5, "lived": 1.0},
+        ("meta", "tabular_grid", "safemeta"): {"train_full_h": 4.0, "test_full_h": 1.0, "lived": 0.25},
         ("learner", "tabular_grid", "dual_pgd"): {"startup": 36.0, "initial": 3.6, "iteration": 36.0},
         ("learner", "tabular_random", "few"): {"startup": 0.0, "initial": 0.0, "iteration": 360.0},
         ("learner", "tabular_grid", "few"): {"startup": 0.0, "initial": 0.0, "iteration": 720.0},
@@ -53,6 +53,11 @@ def test_job_hours_counts_every_job_of_the_grid_once_per_seed():
     assert hours[("single_task", "tabular_random", "few")] == pytest.approx(3 * 2 * 4 * 360 / 3600)
     assert hours[("single_task", "tabular_grid", "few")] == pytest.approx(3 * 2 * 4 * 720 / 3600)
     assert len(hours) == 2 * 4 + 3          # (train, test) x 4 method pairs + 3 learner pairs
+    # full length: the meta jobs of a scenario whose early episodes end at a quarter of the horizon x 4
+    long = paper_cpu_hours.job_hours(full, ["tabular_random", "tabular_grid"], units, full_length=True)
+    assert long[("meta_test", "tabular_grid", "safemeta_delta1")] == pytest.approx(3 * 1.0 * 4)
+    assert long[("meta_train", "tabular_random", "maml_penalty")] == pytest.approx(hours[("meta_train", "tabular_random", "maml_penalty")])
+    assert long[("single_task", "tabular_grid", "dual_pgd")] == pytest.approx(hours[("single_task", "tabular_grid", "dual_pgd")])
     only = paper_cpu_hours.job_hours(full, ["tabular_random"], units)
     assert {k[1] for k in only} == {"tabular_random"}
 
