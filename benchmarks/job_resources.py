@@ -57,6 +57,18 @@ def seconds(ds, names: tuple[str, ...], **index) -> float:
     return float(sum(ds[n].isel(**index).sum() for n in names if n in ds))
 
 
+def prepare(short: dict, scenario: str, label: str, work: Path) -> tuple[list[str], list[str], Path]:
+    """Write the shortened config and sample the scenario's tasks (seed 0) in `work`: the CLI
+    command, its common arguments and the tasks file of the commands that follow."""
+    config = work / f"{scenario}-{label}.json"
+    config.write_text(json.dumps(short))
+    exe = [sys.executable, "-m", "safemeta.cli"]
+    common = ["--config", str(config), "--scenario", scenario, "--seed", "0"]
+    tasks = work / f"{scenario}-{label}-tasks.json"
+    run([*exe, "tasks", *common, "--out", str(tasks)])
+    return exe, common, tasks
+
+
 def measure(raw: dict, scenario: str, iterations: int, steps: int, threads: int, work: Path,
             method: str | None = None) -> dict:
     """The jobs of `method` (default: the scenario's first) on `scenario`, shortened (module docstring)."""
@@ -67,12 +79,8 @@ def measure(raw: dict, scenario: str, iterations: int, steps: int, threads: int,
     scen = short["scenarios"][scenario]
     scen["metatrain"] = {**scen.get("metatrain", {}), "iterations": iterations}
     scen["metatest"] = {**scen.get("metatest", {}), "adapt_steps": steps}
-    config = work / f"{scenario}-{method}.json"
-    config.write_text(json.dumps(short))
-    exe = [sys.executable, "-m", "safemeta.cli"]
-    common = ["--config", str(config), "--scenario", scenario, "--seed", "0"]
-    tasks, out = work / f"{scenario}-{method}-tasks.json", work / f"{scenario}-{method}"
-    run([*exe, "tasks", *common, "--out", str(tasks)])
+    exe, common, tasks = prepare(short, scenario, method, work)
+    out = work / f"{scenario}-{method}"
     train_wall, train_cpu, train_rss = run([*exe, "meta-train", *common, "--method", method, "--tasks", str(tasks),
                                  "--out-dir", str(out), "--threads", str(threads), "--quiet"])
     test_wall, test_cpu, test_rss = run([*exe, "meta-test", *common, "--method", method, "--tasks", str(tasks),

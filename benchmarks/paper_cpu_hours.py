@@ -42,7 +42,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from job_resources import measure as measure_meta, run, seconds  # noqa: E402
+from job_resources import measure as measure_meta, prepare, run, seconds  # noqa: E402
 
 from safemeta.config import select, validate_config  # noqa: E402
 from safemeta.plugins import grid  # noqa: E402
@@ -54,12 +54,8 @@ def measure_learner(raw: dict, scenario: str, learner: str, iterations: int, wor
     iterations), of the initial policy's evaluation, and of the command's start-up."""
     short = copy.deepcopy(raw)
     short["learners"][learner] = {**short["learners"][learner], "iterations": iterations, "n_tasks": 1}
-    config = work / f"{scenario}-{learner}.json"
-    config.write_text(json.dumps(short))
-    exe = [sys.executable, "-m", "safemeta.cli"]
-    common = ["--config", str(config), "--scenario", scenario, "--seed", "0"]
-    tasks, out = work / f"{scenario}-{learner}-tasks.json", work / f"{scenario}-{learner}.nc"
-    run([*exe, "tasks", *common, "--out", str(tasks)])
+    exe, common, tasks = prepare(short, scenario, learner, work)
+    out = work / f"{scenario}-{learner}.nc"
     wall, cpu, _ = run([*exe, "single-task", *common, "--learner", learner, "--tasks", str(tasks),
                         "--out", str(out), "--threads", "1"])
     ds = read_dataset(out)
