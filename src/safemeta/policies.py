@@ -80,8 +80,19 @@ class NeuralPolicy(torch.nn.Module):
 
     def sample_blocks(self, obs: torch.Tensor, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
         """`sample` of each of len(generators) equal consecutive blocks of rows with its own
-        generator (the draws of block k are those `sample` of its rows alone takes from
-        generators[k]), from one forward pass over all rows."""
+        generator: block k's actions and log-probabilities are those its rows alone give.
+
+        One forward pass per block, on a fresh copy of its rows: the CPU's matrix products
+        (MKL) round differently with the number of rows (and the data's alignment), so one
+        pass over all blocks would not reproduce a block's own actions bit for bit."""
+        with torch.no_grad():
+            parts = [self._sample_rows(rows.clone(), g) for rows, g in zip(obs.chunk(len(generators)), generators)]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([a for a, _ in parts]), torch.cat([lp for _, lp in parts])
+
+    def _sample_rows(self, obs: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Actions for the rows of obs drawn from `generator`, and their log-probabilities."""
         raise NotImplementedError
 
     def kl(self, obs: torch.Tensor, reference, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -149,14 +160,11 @@ class GaussianMLPPolicy(NeuralPolicy):
     def log_prob(self, obs, actions, params=None):
         return self.distribution(obs, params).log_prob(actions)
 
-    def sample_blocks(self, obs, generators):
-        with torch.no_grad():
-            dist = self.distribution(obs)
-            mean, std = dist.base_dist.loc, dist.base_dist.scale
-            shape = (mean.shape[0] // len(generators), *mean.shape[1:])
-            noise = torch.cat([torch.randn(shape, generator=g, dtype=mean.dtype) for g in generators])
-            actions = mean + std * noise.to(mean.device)
-            return actions, dist.log_prob(actions)
+    def _sample_rows(self, obs, generator):
+        dist = self.distribution(obs)
+        mean, std = dist.base_dist.loc, dist.base_dist.scale
+        actions = mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        return actions, dist.log_prob(actions)
 
     def rsample(self, obs: torch.Tensor, noise: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Reparameterised actions mean(s) + std * noise, differentiable in the parameters and in obs
@@ -181,13 +189,10 @@ class CategoricalMLPPolicy(NeuralPolicy):
     def log_prob(self, obs, actions, params=None):
         return self.distribution(obs, params).log_prob(actions)
 
-    def sample_blocks(self, obs, generators):
-        with torch.no_grad():
-            dist = self.distribution(obs)
-            probs = dist.probs.cpu().chunk(len(generators))
-            actions = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
-            actions = actions.squeeze(-1).to(obs.device)
-            return actions, dist.log_prob(actions)
+    def _sample_rows(self, obs, generator):
+        dist = self.distribution(obs)
+        actions = torch.multinomial(dist.probs.cpu(), 1, generator=generator).squeeze(-1).to(obs.device)
+        return actions, dist.log_prob(actions)
 
 
 def policy_for(observation_space: Any, action_space: Any, hidden: tuple[int, ...] = (64, 64),
