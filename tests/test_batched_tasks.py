@@ -116,3 +116,68 @@ def test_meta_iterations_evaluation_and_meta_test_match_the_task_by_task_path():
             if not key.startswith("time"):
                 np.testing.assert_array_equal(batched_test[key][j], own[key], err_msg=key)
                 np.testing.assert_array_equal(alone_test[key][j], own[key], err_msg=key)
+
+
+@pytest.mark.parametrize("algorithm", ["maml_penalty", "meta_cpo"])
+def test_baseline_meta_iterations_match_the_task_by_task_path(algorithm):
+    """MAML + penalty and Meta-CPO observe an iteration's tasks together (all batches on pi_phi,
+    then all on the adapted policies): records and meta-policy as when each task is observed alone."""
+    from safemeta.config import load_config
+    from safemeta.plugins import build_meta_learner, build_scenario
+
+    config = load_config({"seeds": [0], "device": "cpu",
+                          "scenarios": {"s": {"distribution": "point_circle", "task_options": {"horizon": 40},
+                                              "n_train_tasks": 5, "n_test_tasks": 2, "rollouts": 4,
+                                              "policy": {"hidden": [16]},
+                                              "metatrain": {"iterations": 2, "tasks_per_iteration": 3,
+                                                            "cg_iters": 5, "eval_every": 1}}},
+                          "methods": {"m": {"algorithm": algorithm}}})
+    dist = get_distribution("point_circle", horizon=40)
+    train, test = dist.sample(5, (0, 0)), dist.sample(2, (0, 1))
+    results = []
+    for together in (True, False):
+        learner = build_meta_learner(config, build_scenario(config, "s", dist, "cpu"), "m", train, test, seed=0)
+        if not together:   # the operator's per-task path, one `observe` after another
+            learner.adapt.observe_tasks = lambda *a, op=learner.adapt: AdaptationOperator.observe_tasks(op, *a)
+        results.append(run_training(learner, learner.initial_state()))
+    batched, alone = results
+    assert len(batched.records) == 3
+    for a, b in zip(batched.records, alone.records):
+        assert a.keys() == b.keys()
+        for key in a:
+            if not key.startswith("time"):
+                np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    for key, value in batched.policy["state_dict"].items():
+        assert torch.equal(value, alone.policy["state_dict"][key]), key
+
+
+def test_meta_crpo_groups_in_lockstep_give_every_task_the_policies_of_its_own_run():
+    """Meta-CRPO runs CRPO on groups of tasks_per_iteration tasks in lockstep (one batch per
+    round): every record's steps are those of the schedule, each task's k = 0..K-1 once and in
+    order, and the task policies and distilled meta-policy equal the one-task-at-a-time run's."""
+    from safemeta.config import load_config
+    from safemeta.plugins import build_meta_learner, build_scenario
+
+    dist = get_distribution("point_circle", horizon=30)
+    train, test = dist.sample(5, (0, 0)), dist.sample(1, (0, 1))
+    results = []
+    for group in (2, 1):
+        config = load_config({"seeds": [0], "device": "cpu",
+                              "scenarios": {"s": {"distribution": "point_circle", "task_options": {"horizon": 30},
+                                                  "n_train_tasks": 5, "n_test_tasks": 1, "rollouts": 3,
+                                                  "policy": {"hidden": [16]},
+                                                  "metatrain": {"iterations": 4, "tasks_per_iteration": group}}},
+                              "methods": {"m": {"algorithm": "meta_crpo", "crpo_steps": 3}}})
+        learner = build_meta_learner(config, build_scenario(config, "s", dist, "cpu"), "m", train, test, seed=0)
+        rounds = [learner._rounds(n) for n in range(4)]
+        steps = [step for record in rounds for r in record for step in r]
+        assert sorted(steps) == [(j, k) for j in range(5) for k in range(3)]                 # every step once
+        assert all([k for jj, k in steps if jj == j] == [0, 1, 2] for j in range(5))          # in order per task
+        assert all(len({k for _, k in r}) == 1 for record in rounds for r in record)          # a round: one step k
+        if group == 2:
+            assert max(len(r) for record in rounds for r in record) == 2
+        results.append(run_training(learner, learner.initial_state()))
+    lockstep, alone = results
+    for a, b in zip(lockstep.task_policies + [lockstep.meta], alone.task_policies + [alone.meta]):
+        for key, value in a["state_dict"].items():
+            assert torch.equal(value, b["state_dict"][key]), key

@@ -16,6 +16,8 @@ Hessian-vector product is what the paper's Hessian-free method avoids).
   whose gradient through theta'(phi) estimates the meta-gradient (`maml_objective`). As in
   MAML-TRPO, the dependence of the sampled data on phi (the score terms of DiCE / ProMP) is
   not differentiated, and the hinge's indicators come from the batches' Monte-Carlo J_c.
+  The iteration's tasks are observed together (`observe_tasks`: all D, then all D'), the same
+  batches as task by task.
 Outer step (as Alg. 2/4 take it for the paper's method, without the CRPO switch): the mean
 meta-gradient over `tasks_per_iteration` training tasks, one TRPO step with the Fisher of the
 meta-policy on the batch's states (exact: visitation-weighted), its mean KL as the trust region
@@ -210,25 +212,30 @@ class SampledMAMLPenalty(NeuralMetaLearner):
 
         op = adapt.settings
         entries, stats = [], {k: [] for k in ("objective", "reward", "cost", "meta_reward", "meta_cost", "kl", "active")}
-        for j, k in enumerate(_batch(seed, n, settings.tasks_per_iteration, len(self.train_tasks))):
-            task_seed = derived_seed(seed, n, 5, j)
-            on_task = adapt.start(self.train_tasks[k], meta, task_seed)
-            meta_obs = adapt.observe(on_task, meta, derived_seed(task_seed, 0))               # D on pi_phi
-            step = adapt.step(on_task, meta, meta_obs)                                         # theta'
-            _check_kl(n, step.kl, settings.kl_limit, int(k))
-            adapted_obs = adapt.observe(on_task, step.policy, derived_seed(task_seed, 1))     # D' on pi_theta'
-            t_sampling += meta_obs.time_sampling + adapted_obs.time_sampling
-            outer = pg_data(adapted_obs.data, on_task.limits, op.penalty, op.penalty_form, normalize=False)
-            entries.append(("meta", maml_objective(meta, step.result, outer, op.inner_lr), meta_obs.data))
+        batch_ids = _batch(seed, n, settings.tasks_per_iteration, len(self.train_tasks))
+        task_seeds = [derived_seed(seed, n, 5, j) for j in range(len(batch_ids))]
+        on_tasks = [adapt.start(self.train_tasks[k], meta, s) for k, s in zip(batch_ids, task_seeds)]
+        meta_obs = adapt.observe_tasks(on_tasks, [meta] * len(on_tasks),                    # D on pi_phi, all tasks at once
+                                       [derived_seed(s, 0) for s in task_seeds])
+        steps = []
+        for k, on_task, obs in zip(batch_ids, on_tasks, meta_obs):
+            steps.append(adapt.step(on_task, meta, obs))                                       # theta'
+            _check_kl(n, steps[-1].kl, settings.kl_limit, int(k))
+        adapted_obs = adapt.observe_tasks(on_tasks, [step.policy for step in steps],         # D' on pi_theta'
+                                          [derived_seed(s, 1) for s in task_seeds])
+        for on_task, obs, step, adapted in zip(on_tasks, meta_obs, steps, adapted_obs):
+            t_sampling += obs.time_sampling + adapted.time_sampling
+            outer = pg_data(adapted.data, on_task.limits, op.penalty, op.penalty_form, normalize=False)
+            entries.append(("meta", maml_objective(meta, step.result, outer, op.inner_lr), obs.data))
             w = as_vector(op.penalty, len(on_task.limits), "penalty")
-            stats["objective"].append(float(penalised(torch.tensor(adapted_obs.reward), torch.from_numpy(adapted_obs.cost),
+            stats["objective"].append(float(penalised(torch.tensor(adapted.reward), torch.from_numpy(adapted.cost),
                                                       on_task.limits, w, op.penalty_form)))
-            stats["reward"].append(adapted_obs.reward)
-            stats["cost"].append(adapted_obs.cost)
-            stats["meta_reward"].append(meta_obs.reward)
-            stats["meta_cost"].append(meta_obs.cost)
+            stats["reward"].append(adapted.reward)
+            stats["cost"].append(adapted.cost)
+            stats["meta_reward"].append(obs.reward)
+            stats["meta_cost"].append(obs.cost)
             stats["kl"].append(step.kl)
-            stats["active"].append(bool((adapted_obs.cost > on_task.limits).any()))
+            stats["active"].append(bool((adapted.cost > on_task.limits).any()))
         meta_step, grad_norm = trpo_meta_step(meta, entries, settings, n)
         record.update(n_violating=sum(stats["active"]), batch_objective=float(np.mean(stats["objective"])),
                       batch_reward=float(np.mean(stats["reward"])), batch_cost=np.max(stats["cost"], axis=0),

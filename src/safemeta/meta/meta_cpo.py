@@ -8,7 +8,8 @@ meta-constraint the mean of J_c,tau(T_tau(phi)) - d_tau <= 0 (the adapted polici
 the method's "constrained bilevel problem" puts it, the paper's section 1). Per iteration:
 
 1. for each task of the batch: roll out pi_phi, take the CPO step T_tau(phi) in the autograd
-   graph of phi, roll out the adapted policy, and differentiate its reward and cost surrogates
+   graph of phi, roll out the adapted policy (the tasks' rollouts of pi_phi, then of the adapted
+   policies, are collected together: `observe_tasks`), and differentiate its reward and cost surrogates
    through T_tau: the second-order meta-gradient g_tau = (dT_tau/dphi)^T grad J_tau(theta'_tau)
    and the meta-cost gradient b_tau likewise (reverse mode through the closed form of the
    dual; F^-1 by the implicit function theorem, see `adaptation/cpo.py`). The branch of the
@@ -234,24 +235,25 @@ class SampledMetaCPO(NeuralMetaLearner):
         theta = meta.flat().requires_grad_()
         tasks, limits = [], []
         stats: dict[str, list] = {k: [] for k in ("reward", "cost", "meta_reward", "meta_cost", "u", "kl")}
-        for j, k in enumerate(batch_ids):                                                           # step 1
-            task_seed = derived_seed(seed, n, 5, j)
-            on_task = adapt.start(self.train_tasks[k], meta, task_seed)
-            limit = float(on_task.limits[0])
-            meta_obs = adapt.observe(on_task, meta, derived_seed(task_seed, 0))
-            inner = BatchSurrogates(meta, meta_obs.data, limit)
-            step = sampled_cpo_step(inner, theta, adapt.settings, differentiable=True,
-                                    fisher_derivative=settings.fisher_derivative)
-            adapted = policy_from_checkpoint(state.policy).to(self.scenario.device)
-            adapted.load_flat(step.params.detach())
-            adapted_obs = adapt.observe(on_task, adapted, derived_seed(task_seed, 1))
-            t_sampling += meta_obs.time_sampling + adapted_obs.time_sampling
-            tasks.append(sampled_meta_gradient(meta, inner, adapted_obs.data, limit, step, theta))
-            limits.append(limit)
-            stats["meta_reward"].append(meta_obs.reward)
-            stats["meta_cost"].append(meta_obs.cost)
-            stats["reward"].append(adapted_obs.reward)
-            stats["cost"].append(adapted_obs.cost)
+        task_seeds = [derived_seed(seed, n, 5, j) for j in range(len(batch_ids))]           # step 1
+        on_tasks = [adapt.start(self.train_tasks[k], meta, s) for k, s in zip(batch_ids, task_seeds)]
+        meta_obs = adapt.observe_tasks(on_tasks, [meta] * len(on_tasks), [derived_seed(s, 0) for s in task_seeds])
+        inners, steps, adapted = [], [], []
+        for on_task, obs in zip(on_tasks, meta_obs):
+            limits.append(float(on_task.limits[0]))
+            inners.append(BatchSurrogates(meta, obs.data, limits[-1]))
+            steps.append(sampled_cpo_step(inners[-1], theta, adapt.settings, differentiable=True,
+                                          fisher_derivative=settings.fisher_derivative))
+            adapted.append(policy_from_checkpoint(state.policy).to(self.scenario.device))
+            adapted[-1].load_flat(steps[-1].params.detach())
+        adapted_obs = adapt.observe_tasks(on_tasks, adapted, [derived_seed(s, 1) for s in task_seeds])
+        for obs, inner, step, limit, adapted_ob in zip(meta_obs, inners, steps, limits, adapted_obs):
+            t_sampling += obs.time_sampling + adapted_ob.time_sampling
+            tasks.append(sampled_meta_gradient(meta, inner, adapted_ob.data, limit, step, theta))
+            stats["meta_reward"].append(obs.reward)
+            stats["meta_cost"].append(obs.cost)
+            stats["reward"].append(adapted_ob.reward)
+            stats["cost"].append(adapted_ob.cost)
             stats["kl"].append(step.kl)
             if step.direction.case != RECOVERY:
                 stats["u"].append(np.array([step.direction.nu]))

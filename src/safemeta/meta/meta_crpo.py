@@ -26,9 +26,13 @@ runs it with "all training tasks provided before the meta-training" and no meta-
 
 Not implemented: the online learning-rate update of Khattar et al. (the seed authors' code sets
 CRPO's max_kl per task from the KL to previous policies); every CRPO step uses operator crpo's
-fixed `max_kl`. The CRPO work is spread evenly over `iterations` records (record n holds the
-training steps n T / I .. (n+1) T / I of the T = N * crpo_steps in task order), so a run
-checkpoints and resumes like the others; the last record holds the distillation. The trace has
+fixed `max_kl`. The tasks run in groups of `tasks_per_iteration` (as many as the other methods'
+meta-iterations observe), a group's CRPO runs in lockstep so that their rollouts are collected
+as one batch (`observe_tasks`); every task's run draws from its own seeds, so its policies do
+not depend on the grouping. The CRPO work is spread evenly over `iterations` records (record n
+holds the steps n T / I .. (n+1) T / I of the T = N * crpo_steps, ordered by group, step, task:
+`_rounds`), so a run checkpoints and resumes like the others; the last record holds the
+distillation. The trace has
 no evaluation variables: the meta-policy exists only after the last record (its meta-test
 k = 0 and k = 1 are what the others' meta-training evaluations show).
 """
@@ -86,7 +90,7 @@ class MetaCRPOState:
 
     iteration: int
     init: Any
-    current: Any = None
+    current: dict[int, Any] = field(default_factory=dict)   # task j -> its policy after its last step
     task_policies: list[Any] = field(default_factory=list)
     task_data: list[Any] = field(default_factory=list)
     meta: Any = None
@@ -117,25 +121,24 @@ class MetaCRPO(MetaLearner):
             state.records.append(record)
             state.iteration = n + 1
             return
-        K = self.steps_per_task()
-        total = K * len(self.train_tasks)
         rewards, costs, cost_steps = [], [], 0
-        for g in range(n * total // settings.iterations, (n + 1) * total // settings.iterations):
-            j, k = divmod(g, K)
-            policy = self.load(state.init if k == 0 else state.current)
-            on_task = adapt.start(self.train_tasks[j], policy, derived_seed(self.seed, j, 1))
-            obs = adapt.observe(on_task, policy, derived_seed(self.seed, j, k, 21))
-            step = adapt.step(on_task, policy, obs)
-            t_sampling += obs.time_sampling
-            rewards.append(obs.reward)
-            costs.append(obs.cost)
-            cost_steps += int(step.record["cost_step"])
-            if k == K - 1:
-                state.task_policies.append(self.save(step.policy))
-                state.task_data.append(self.visitation(on_task, step.policy, obs, derived_seed(self.seed, j, 22)))
-                state.current = None
-            else:
-                state.current = self.save(step.policy)
+        for round_ in self._rounds(n):           # the record's CRPO steps, a round of one group's tasks at a time
+            policies = [self.load(state.init if k == 0 else state.current[j]) for j, k in round_]
+            on_tasks = [adapt.start(self.train_tasks[j], pi, derived_seed(self.seed, j, 1))
+                        for (j, _), pi in zip(round_, policies)]
+            observed = adapt.observe_tasks(on_tasks, policies, [derived_seed(self.seed, j, k, 21) for j, k in round_])
+            for (j, k), on_task, policy, obs in zip(round_, on_tasks, policies, observed):
+                step = adapt.step(on_task, policy, obs)
+                t_sampling += obs.time_sampling
+                rewards.append(obs.reward)
+                costs.append(obs.cost)
+                cost_steps += int(step.record["cost_step"])
+                if k == self.steps_per_task() - 1:
+                    state.task_policies.append(self.save(step.policy))
+                    state.task_data.append(self.visitation(on_task, step.policy, obs, derived_seed(self.seed, j, 22)))
+                    state.current.pop(j, None)
+                else:
+                    state.current[j] = self.save(step.policy)
         p = len(self.scenario.limits(self.train_tasks[0]))
         record.update(n_violating=cost_steps, crpo_steps=len(rewards), tasks_done=len(state.task_policies),
                       batch_reward=float(np.mean(rewards)) if rewards else np.nan,
@@ -143,6 +146,24 @@ class MetaCRPO(MetaLearner):
         record["time_sampling"], record["time_compute"] = t_sampling, time.perf_counter() - start - t_sampling
         state.records.append(record)
         state.iteration = n + 1
+
+    def _rounds(self, n: int) -> list[list[tuple[int, int]]]:
+        """Record n's CRPO steps (task j, step k) as rounds: consecutive steps of one group's
+        tasks at the same k, observed together. The schedule: groups of `tasks_per_iteration`
+        consecutive tasks, each group's steps k = 0..K-1 in lockstep, tasks in order within a
+        step; record n holds its steps n T / I .. (n + 1) T / I - 1 (T = N K, I = iterations)."""
+        K, N, G = self.steps_per_task(), len(self.train_tasks), self.settings.tasks_per_iteration
+        total, iterations = K * N, self.settings.iterations
+        rounds: list[list[tuple[int, int]]] = []
+        for g in range(n * total // iterations, (n + 1) * total // iterations):
+            first = g // (G * K) * G                       # the group's first task
+            size = min(G, N - first)
+            k, j = divmod(g - first * K, size)
+            if rounds and rounds[-1][-1][1] == k and rounds[-1][-1][0] == first + j - 1:
+                rounds[-1].append((first + j, k))
+            else:
+                rounds.append([(first + j, k)])
+        return rounds
 
     def policy(self, state: MetaCRPOState) -> Any:
         """The distilled meta-policy (the common initial policy before the last record)."""
