@@ -281,3 +281,23 @@ def test_cvpo_state_checkpoints_and_resumes_bit_for_bit(small_run):
     expected = [(seq["reward"][k], seq["cost"][k, 0], seq["u"][k + 1, 0], seq["kl"][k + 1], seq["eta"][k + 1],
                  seq["mstep_kl_mean"][k + 1]) for k in range(4)]
     np.testing.assert_array_equal(np.array(rows), np.array(expected))
+
+
+def test_particle_values_are_the_critics_at_every_particle():
+    """QEnsemble.particles (first layer's state part once per state, activations in place) gives
+    each member's Q at every (state, particle): `forward` on the repeated rows, and bit for bit
+    the same layers composed without the in-place shortcuts."""
+    from safemeta.adaptation.cvpo import QEnsemble
+
+    g = torch.Generator().manual_seed(3)
+    critics = QEnsemble(5 + 2, (32, 16), 3, g)
+    obs, actions = torch.randn(7, 5, generator=g), torch.randn(7, 4, 2, generator=g)
+    values = critics.particles(obs, actions)
+    assert values.shape == (3, 7, 4)
+    with torch.no_grad():
+        repeated = critics(obs.repeat_interleave(4, 0), actions.reshape(28, 2)).reshape(3, 7, 4)
+        torch.testing.assert_close(values, repeated, rtol=1e-6, atol=1e-6)
+        h = critics._first(obs)[:, :, None] + critics._first(actions.reshape(28, 2), 5).reshape(3, 7, 4, 32)
+        composed = critics._head(h.reshape(3, 28, 32)).reshape(3, 7, 4)
+    assert torch.equal(values, composed)
+    assert not values.requires_grad

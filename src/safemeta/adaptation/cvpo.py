@@ -381,14 +381,19 @@ class QEnsemble(torch.nn.Module):
         """Q_e(s_n, a_n): obs [N, o], actions [N, a] -> [E, N]."""
         return self._head(self._first(obs) + self._first(actions, obs.shape[-1]))
 
+    @torch.no_grad()
     def particles(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Q_e(s_b, a_bk) for K actions per state: obs [B, o], actions [B, K, a] -> [E, B, K].
+        """Q_e(s_b, a_bk) for K actions per state: obs [B, o], actions [B, K, a] -> [E, B, K] (no gradients).
 
-        The first layer's state part is computed once per state, not once per particle."""
+        The first layer's state part is computed once per state, not once per particle; the
+        activations are applied in place (the same values as `forward`'s, without a copy of
+        each [E, B K, hidden] layer)."""
         B, K, _ = actions.shape
-        h = self._first(obs)[:, :, None] + self._first(actions.reshape(B * K, -1), obs.shape[-1]).reshape(-1, B, K,
-                                                                                                        self.weights[0].shape[-1])
-        return self._head(h.reshape(-1, B * K, h.shape[-1])).reshape(-1, B, K)
+        h = self._first(actions.reshape(B * K, -1), obs.shape[-1])
+        h.view(-1, B, K, h.shape[-1]).add_(self._first(obs)[:, :, None])
+        for w, b in zip(self.weights[1:], self.biases[1:]):
+            h = torch.baddbmm(b, h.relu_(), w)
+        return h.squeeze(-1).reshape(-1, B, K)
 
     def _first(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """x @ W1[rows offset.. offset + dim]: the first layer's part for these inputs, [E, N, h1] (bias with the states)."""
