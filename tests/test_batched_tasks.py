@@ -1,9 +1,10 @@
 """Several tasks stepped as one batch give every task exactly its own rollouts (issue 15).
 
-`Scenario.rollout_tasks` (one env of all tasks' copies, one policy forward per step for the
-tasks that share a policy) must reproduce, bit for bit, the Batch that `Scenario.rollout` gives
-each task alone; and so Alg. 4's iteration, its evaluation and the meta-test, which now observe
-their tasks together, must give the records the task-by-task path gives.
+`Scenario.rollout_tasks` (one env of all tasks' copies, the policy sampled one task's copies
+at a time) must reproduce, bit for bit, the Batch that `Scenario.rollout` gives
+each task alone; and so the meta-iterations (Alg. 4, MAML + penalty, Meta-CPO, Meta-CRPO's
+lockstep CRPO runs), the evaluation and the meta-test, which observe their tasks together,
+must give what the task-by-task path gives.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def test_tasks_in_one_batch_give_each_task_its_own_rollouts_bit_for_bit(name):
     scenario = scenario_of(dist, rollouts=rollouts)
     meta = scenario.fresh_policy(tasks[0], 0, "sampled")
     other = scenario.fresh_policy(tasks[0], 1, "sampled")
-    for policies in ([meta] * 3, [meta, other, other]):       # one forward for all, or one per policy
+    for policies in ([meta] * 3, [meta, other, other]):       # one policy for all, or two
         seeds = [11, 12, 13]
         together = scenario.rollout_tasks(tasks, policies, seeds)
         for task, policy, seed, batch in zip(tasks, policies, seeds, together):

@@ -3,10 +3,9 @@
 `collect` runs one policy on all copies of a task's BatchEnv for one horizon; the policy is
 evaluated once per step for the whole batch. `collect_tasks` does the same on a BatchEnv of
 several tasks (`TaskDistribution.make_envs`), each task's block with its own policy and
-generator: one forward pass per step for all blocks that share a policy (a meta-policy on the
-tasks of an iteration), and per task the Batch that `collect` on that task alone gives, bit for
-bit (the draws per block are the same; row-wise network outputs do not depend on the other rows
-of the forward pass: measured for MKL on one thread, the configuration of the jobs, and tested).
+generator: one env step per step for all blocks, the policy sampled block by block
+(`NeuralPolicy.sample_blocks`: a matrix product's rounding depends on its number of rows on some
+CPUs), and per task the Batch that `collect` on that task alone gives, bit for bit (tested).
 `rollout_policies` is `rollout_policy` for several tasks in one env. A `Batch` is time-major
 ([T, N, ...]) and holds:
 - Q estimates as discounted returns-to-go, Q(s_t, a_t) ~ sum_{k>=t} gamma^{k-t} r_k (no value
