@@ -161,15 +161,21 @@ def test_meta_crpo_groups_in_lockstep_give_every_task_the_policies_of_its_own_ru
 
     dist = get_distribution("point_circle", horizon=30)
     train, test = dist.sample(5, (0, 0)), dist.sample(1, (0, 1))
-    results = []
-    for group in (2, 1):
+
+    def learner_of(group: int, steps: int, iterations: int):
         config = load_config({"seeds": [0], "device": "cpu",
                               "scenarios": {"s": {"distribution": "point_circle", "task_options": {"horizon": 30},
                                                   "n_train_tasks": 5, "n_test_tasks": 1, "rollouts": 3,
                                                   "policy": {"hidden": [16]},
-                                                  "metatrain": {"iterations": 4, "tasks_per_iteration": group}}},
-                              "methods": {"m": {"algorithm": "meta_crpo", "crpo_steps": 3}}})
-        learner = build_meta_learner(config, build_scenario(config, "s", dist, "cpu"), "m", train, test, seed=0)
+                                                  "metatrain": {"iterations": iterations, "tasks_per_iteration": group}}},
+                              "methods": {"m": {"algorithm": "meta_crpo", "crpo_steps": steps}}})
+        return build_meta_learner(config, build_scenario(config, "s", dist, "cpu"), "m", train, test, seed=0)
+
+    one_step = learner_of(2, 1, 1)._rounds(0)      # one step per task: the rounds still stop at each group
+    assert [[j for j, _ in r] for r in one_step] == [[0, 1], [2, 3], [4]]
+    results = []
+    for group in (2, 1):
+        learner = learner_of(group, 3, 4)
         rounds = [learner._rounds(n) for n in range(4)]
         steps = [step for record in rounds for r in record for step in r]
         assert sorted(steps) == [(j, k) for j in range(5) for k in range(3)]                 # every step once

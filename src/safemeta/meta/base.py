@@ -81,6 +81,11 @@ TIME_VARS: dict[str, Var] = {
 }
 
 
+def training_batch(seed: int, n: int, size: int, available: int) -> np.ndarray:
+    """The indices of iteration n's `size` training tasks of `available` (drawn from (seed, n))."""
+    return np.random.default_rng(derived_seed(seed, n, 3)).choice(available, size=size, replace=size > available)
+
+
 class MetaLearner:
     """Base class of meta-learners (see the module docstring for the contract)."""
 
@@ -170,6 +175,16 @@ class NeuralMetaLearner(MetaLearner):
 
     def policy(self, state: NeuralMetaState) -> "NeuralPolicy":
         return policy_from_checkpoint(state.policy)
+
+    def observe_training_tasks(self, meta: "NeuralPolicy", n: int) -> tuple[np.ndarray, list[int], list, list]:
+        """Iteration n's training tasks and their batches on `meta`, observed together: the task
+        indices, each task's seed derived_seed(seed, n, 5, j), its operator state and its
+        observation (explored with derived_seed(task seed, 0))."""
+        ids = training_batch(self.seed, n, self.settings.tasks_per_iteration, len(self.train_tasks))
+        seeds = [derived_seed(self.seed, n, 5, j) for j in range(len(ids))]
+        states = [self.adapt.start(self.train_tasks[k], meta, s) for k, s in zip(ids, seeds)]
+        observed = self.adapt.observe_tasks(states, [meta] * len(states), [derived_seed(s, 0) for s in seeds])
+        return ids, seeds, states, observed
 
     def evaluate_if_due(self, meta: "NeuralPolicy", n: int, record: dict[str, Any]) -> float:
         """At every `eval_every`-th iteration and the last, the one-step evaluation of `meta` on

@@ -42,7 +42,7 @@ from ..records import Var
 from ..rollout import derived_seed
 from ..tasks.tabular import TabularCMDP, evaluate, evaluate_torch
 from .base import (TRPO_STEP_VARS, NeuralMetaLearner, NeuralMetaState, TabularMetaLearner, TabularMetaState,
-                   evaluate_one_step, trpo_meta_step)
+                   evaluate_one_step, training_batch, trpo_meta_step)
 
 N_PENALISED = Var((), "training tasks whose adapted policy violated d (hinge active in the outer loss)", "1")
 BATCH_VARS: dict[str, Var] = {
@@ -54,11 +54,6 @@ BATCH_VARS: dict[str, Var] = {
     "batch_meta_cost": Var(("constraint",), "max cost of the meta-policy on the iteration's training tasks", "cost"),
     "batch_adapt_kl": Var((), "mean E_nu KL(adapted || meta) of the iteration's inner steps", "nats"),
 }
-
-
-def _batch(seed: int, n: int, size: int, available: int) -> np.ndarray:
-    """The training tasks of iteration n (drawn from (seed, n))."""
-    return np.random.default_rng(derived_seed(seed, n, 3)).choice(available, size=size, replace=size > available)
 
 
 # --------------------------------------------------------------------------- exact (tabular)
@@ -124,7 +119,7 @@ class ExactMAMLPenalty(TabularMetaLearner):
             state.records.append(record)
             state.iteration = n + 1
             return
-        tasks = [self.train_cmdps[k] for k in _batch(self.seed, n, settings.tasks_per_iteration, len(self.train_cmdps))]
+        tasks = [self.train_cmdps[k] for k in training_batch(self.seed, n, settings.tasks_per_iteration, len(self.train_cmdps))]
         grads = [exact_meta_gradient(cmdp, logits, adaptation) for cmdp in tasks]
         grad = np.mean([g.grad for g in grads], axis=0)
         if not np.isfinite(grad).all():
@@ -199,7 +194,7 @@ class SampledMAMLPenalty(NeuralMetaLearner):
     record_vars = {"n_violating": N_PENALISED, **BATCH_VARS, **TRPO_STEP_VARS}
 
     def iteration(self, state: NeuralMetaState) -> None:
-        settings, adapt, seed, n = self.settings, self.adapt, self.seed, state.iteration
+        settings, adapt, n = self.settings, self.adapt, state.iteration
         meta = policy_from_checkpoint(state.policy).to(self.scenario.device)
         record: dict[str, Any] = {"iteration": n}
         t_sampling, start = 0.0, time.perf_counter()
@@ -212,11 +207,7 @@ class SampledMAMLPenalty(NeuralMetaLearner):
 
         op = adapt.settings
         entries, stats = [], {k: [] for k in ("objective", "reward", "cost", "meta_reward", "meta_cost", "kl", "active")}
-        batch_ids = _batch(seed, n, settings.tasks_per_iteration, len(self.train_tasks))
-        task_seeds = [derived_seed(seed, n, 5, j) for j in range(len(batch_ids))]
-        on_tasks = [adapt.start(self.train_tasks[k], meta, s) for k, s in zip(batch_ids, task_seeds)]
-        meta_obs = adapt.observe_tasks(on_tasks, [meta] * len(on_tasks),                    # D on pi_phi, all tasks at once
-                                       [derived_seed(s, 0) for s in task_seeds])
+        batch_ids, task_seeds, on_tasks, meta_obs = self.observe_training_tasks(meta, n)   # D on pi_phi, all tasks at once
         steps = []
         for k, on_task, obs in zip(batch_ids, on_tasks, meta_obs):
             steps.append(adapt.step(on_task, meta, obs))                                       # theta'

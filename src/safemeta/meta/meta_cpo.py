@@ -58,7 +58,7 @@ from ..records import Var
 from ..rollout import derived_seed
 from ..tasks.tabular import TabularCMDP, evaluate, evaluate_torch
 from .base import (BATCH_VARS, N_VIOLATING, TRPO_STEP_VARS, NeuralMetaLearner, NeuralMetaState, TabularMetaLearner,
-                   TabularMetaState, batch_record, evaluate_one_step)
+                   TabularMetaState, batch_record, evaluate_one_step, training_batch)
 
 OUTER_BACKTRACK_RATIO = 0.5   # the meta-step's line search shrinks as the paper's method's TRPO step (optim.trpo_step)
 
@@ -132,9 +132,8 @@ class ExactMetaCPO(TabularMetaLearner):
             state.records.append(record)
             state.iteration = n + 1
             return
-        rng = np.random.default_rng(derived_seed(self.seed, n, 3))
-        batch = [self.train_cmdps[k] for k in rng.choice(len(self.train_cmdps), size=settings.tasks_per_iteration,
-                                                         replace=settings.tasks_per_iteration > len(self.train_cmdps))]
+        batch = [self.train_cmdps[k] for k in training_batch(self.seed, n, settings.tasks_per_iteration,
+                                                             len(self.train_cmdps))]
         probs = torch.softmax(torch.from_numpy(logits), dim=-1)
         tasks = [meta_gradient(m, logits, inner_settings, fd) for m in batch]                          # step 1
         g = torch.from_numpy(np.mean([t.grad for t in tasks], axis=0).reshape(-1))
@@ -216,7 +215,7 @@ class SampledMetaCPO(NeuralMetaLearner):
     record_vars = {**BATCH_VARS, "n_violating": N_VIOLATING, **TRPO_STEP_VARS, **OUTER_VARS}
 
     def iteration(self, state: NeuralMetaState) -> None:
-        settings, adapt, seed = self.settings, self.adapt, self.seed
+        settings, adapt = self.settings, self.adapt
         meta = policy_from_checkpoint(state.policy).to(self.scenario.device)
         n = state.iteration
         record: dict[str, Any] = {"iteration": n}
@@ -229,15 +228,10 @@ class SampledMetaCPO(NeuralMetaLearner):
             state.iteration = n + 1
             return
 
-        rng = np.random.default_rng(derived_seed(seed, n, 3))
-        batch_ids = rng.choice(len(self.train_tasks), size=settings.tasks_per_iteration,
-                               replace=settings.tasks_per_iteration > len(self.train_tasks))
         theta = meta.flat().requires_grad_()
         tasks, limits = [], []
         stats: dict[str, list] = {k: [] for k in ("reward", "cost", "meta_reward", "meta_cost", "u", "kl")}
-        task_seeds = [derived_seed(seed, n, 5, j) for j in range(len(batch_ids))]           # step 1
-        on_tasks = [adapt.start(self.train_tasks[k], meta, s) for k, s in zip(batch_ids, task_seeds)]
-        meta_obs = adapt.observe_tasks(on_tasks, [meta] * len(on_tasks), [derived_seed(s, 0) for s in task_seeds])
+        _, task_seeds, on_tasks, meta_obs = self.observe_training_tasks(meta, n)                    # step 1
         inners, steps, adapted = [], [], []
         for on_task, obs in zip(on_tasks, meta_obs):
             limits.append(float(on_task.limits[0]))

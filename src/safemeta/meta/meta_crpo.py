@@ -121,7 +121,7 @@ class MetaCRPO(MetaLearner):
             state.records.append(record)
             state.iteration = n + 1
             return
-        rewards, costs, cost_steps = [], [], 0
+        rewards, costs, cost_steps, last = [], [], 0, self.steps_per_task() - 1
         for round_ in self._rounds(n):           # the record's CRPO steps, a round of one group's tasks at a time
             policies = [self.load(state.init if k == 0 else state.current[j]) for j, k in round_]
             on_tasks = [adapt.start(self.train_tasks[j], pi, derived_seed(self.seed, j, 1))
@@ -133,7 +133,7 @@ class MetaCRPO(MetaLearner):
                 rewards.append(obs.reward)
                 costs.append(obs.cost)
                 cost_steps += int(step.record["cost_step"])
-                if k == self.steps_per_task() - 1:
+                if k == last:
                     state.task_policies.append(self.save(step.policy))
                     state.task_data.append(self.visitation(on_task, step.policy, obs, derived_seed(self.seed, j, 22)))
                     state.current.pop(j, None)
@@ -159,7 +159,7 @@ class MetaCRPO(MetaLearner):
             first = g // (G * K) * G                       # the group's first task
             size = min(G, N - first)
             k, j = divmod(g - first * K, size)
-            if rounds and rounds[-1][-1][1] == k and rounds[-1][-1][0] == first + j - 1:
+            if j > 0 and rounds and rounds[-1][-1] == (first + j - 1, k):   # the same group and step
                 rounds[-1].append((first + j, k))
             else:
                 rounds.append([(first + j, k)])

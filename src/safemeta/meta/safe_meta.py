@@ -177,16 +177,9 @@ class SampledSafeMeta(NeuralMetaLearner):
             state.iteration = n + 1
             return
 
-        train = self.train_tasks
-        rng = np.random.default_rng(derived_seed(seed, n, 3))
-        batch_ids = rng.choice(len(train), size=settings.tasks_per_iteration,
-                               replace=settings.tasks_per_iteration > len(train))
+        batch_ids, task_seeds, on_tasks, meta_obs = self.observe_training_tasks(meta, n)   # line 3, all tasks at once
         entries: list = [None] * len(batch_ids)   # per task j: (branch, surrogate, meta batch)
         batch_stats: dict[str, list] = {k: [] for k in ("reward", "cost", "meta_reward", "meta_cost", "u", "kl")}
-        task_seeds = [derived_seed(seed, n, 5, j) for j in range(len(batch_ids))]
-        on_tasks = [adapt.start(train[k], meta, s) for k, s in zip(batch_ids, task_seeds)]
-        meta_obs = adapt.observe_tasks(on_tasks, [meta] * len(on_tasks),                 # line 3, all tasks at once
-                                       [derived_seed(s, 0) for s in task_seeds])
         adapted: dict[int, Any] = {}
         for j, (k, on_task, obs) in enumerate(zip(batch_ids, on_tasks, meta_obs)):
             t_sampling += obs.time_sampling
