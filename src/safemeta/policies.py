@@ -8,6 +8,7 @@ Every policy is a softmax policy in the paper's sense (section 2) with f = log p
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,23 @@ def _mlp(sizes: list[int], activation: type[torch.nn.Module] = torch.nn.Tanh, bi
         if i < len(sizes) - 2:
             layers.append(activation())
     return torch.nn.Sequential(*layers)
+
+
+def _forward(mlp: torch.nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """mlp(x) with its Linear layers called as torch.nn.functional.linear (the same kernels,
+    without the per-module call overhead that dominates at a task's few rows)."""
+    for layer in mlp:
+        x = torch.nn.functional.linear(x, layer.weight, layer.bias) if isinstance(layer, torch.nn.Linear) else layer(x)
+    return x
+
+
+LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
+
+
+def normal_log_prob(actions: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """log N(actions; mean, diag(scale)^2) summed over the last dim: torch.distributions'
+    Independent(Normal(mean, scale), 1).log_prob, operation for operation (the same bits)."""
+    return (-((actions - mean) ** 2) / (2 * scale ** 2) - scale.log() - LOG_SQRT_2PI).sum(-1)
 
 
 class NeuralPolicy(torch.nn.Module):
@@ -160,11 +178,18 @@ class GaussianMLPPolicy(NeuralPolicy):
     def log_prob(self, obs, actions, params=None):
         return self.distribution(obs, params).log_prob(actions)
 
-    def _sample_rows(self, obs, generator):
-        dist = self.distribution(obs)
-        mean, std = dist.base_dist.loc, dist.base_dist.scale
-        actions = mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
-        return actions, dist.log_prob(actions)
+    def sample_blocks(self, obs, generators):
+        """The base class's contract, with one forward pass per block (the matrix products) and
+        the draws' arithmetic (mean + std noise, the log-density) once over all rows: elementwise
+        operations, and a row sum over act_dim, round the same for any number of rows."""
+        with torch.no_grad():
+            means = [_forward(self.mean, rows.clone()) for rows in obs.chunk(len(generators))]
+            noise = [torch.randn(m.shape, generator=g, dtype=m.dtype) for m, g in zip(means, generators)]
+            mean = means[0] if len(means) == 1 else torch.cat(means)
+            noise = (noise[0] if len(noise) == 1 else torch.cat(noise)).to(mean.device)
+            scale = self.log_std.exp().expand_as(mean)
+            actions = mean + scale * noise
+            return actions, normal_log_prob(actions, mean, scale)
 
     def rsample(self, obs: torch.Tensor, noise: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Reparameterised actions mean(s) + std * noise, differentiable in the parameters and in obs

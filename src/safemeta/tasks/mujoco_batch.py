@@ -93,8 +93,9 @@ class BatchSim:
         self._executor = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         bounds = np.linspace(0, self.num_envs, self.threads + 1).astype(int)
         self._chunks = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-        # one working MjData per thread and model
-        self._work = [{id(m): mujoco.MjData(m) for m in distinct} for _ in self._chunks]
+        # one working MjData per thread and model, with the (buffer, MjData field view) pairs that
+        # `_store` copies (MuJoCo's field arrays stay in place for the MjData's life)
+        self._work = [{id(m): self._working_data(m) for m in distinct} for _ in self._chunks]
 
     @property
     def qpos(self) -> np.ndarray:
@@ -112,11 +113,15 @@ class BatchSim:
         mujoco.mj_forward(m, d)
         return d
 
-    def _store(self, i: int, d: mujoco.MjData) -> None:
-        """Copy i's state and gathered fields out of the working MjData d."""
+    def _working_data(self, model: mujoco.MjModel) -> tuple[mujoco.MjData, list[tuple[np.ndarray, np.ndarray]]]:
+        d = mujoco.MjData(model)
+        return d, [(self.buffers[name], getattr(d, name)) for name in self.fields]
+
+    def _store(self, i: int, d: mujoco.MjData, views: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Copy i's state and gathered fields (`views` of d) out of the working MjData d."""
         mujoco.mj_getState(self.models[i], d, self.states[i], STATE)
-        for name in self.fields:
-            self.buffers[name][i] = getattr(d, name)
+        for buffer, view in views:
+            buffer[i] = view
         if self.contacts is not None:
             self.contacts[i] = d.contact.geom.copy() if d.ncon else np.zeros((0, 2), int)
 
@@ -125,13 +130,13 @@ class BatchSim:
         work = self._work[0]
         for k, r in enumerate(rows):
             m = self.models[r]
-            d = work[id(m)]
+            d, views = work[id(m)]
             mujoco.mj_resetData(m, d)
             d.qpos[:], d.qvel[:] = qpos[k], qvel[k]
             mujoco.mj_forward(m, d)
             if self.post_constraint:
                 mujoco.mj_rnePostConstraint(m, d)
-            self._store(r, d)
+            self._store(r, d, views)
 
     def add_qvel(self, delta: np.ndarray) -> None:
         """Add `delta [N, nv]` to every copy's joint velocities (transition noise)."""
@@ -145,7 +150,7 @@ class BatchSim:
         for i in range(lo, hi):
             if active[i]:
                 m = models[i]
-                d = work[id(m)]
+                d, views = work[id(m)]
                 mujoco.mj_setState(m, d, states[i], STATE)
                 d.ctrl[:] = ctrl[i]
                 step(m, d, nstep=fs)
@@ -153,7 +158,7 @@ class BatchSim:
                     mujoco.mj_forward(m, d)
                 if post:
                     mujoco.mj_rnePostConstraint(m, d)
-                self._store(i, d)
+                self._store(i, d, views)
 
     def step(self, ctrl: np.ndarray, active: np.ndarray | None = None) -> None:
         """Advance the `active` copies (all by default) by one env step under controls `ctrl [N, nu]`."""
@@ -196,7 +201,7 @@ class BatchSim:
             if not active[i]:
                 continue
             m = self.models[i]
-            d = self._work[chunk][id(m)]
+            d, views = self._work[chunk][id(m)]
             mujoco.mj_setState(m, d, self.states[i], STATE)
             d.ctrl[:] = ctrl[i]
             for _ in range(self.frame_skip):
@@ -206,7 +211,7 @@ class BatchSim:
                 mujoco.mj_step(m, d)
             if self.post_constraint:
                 mujoco.mj_rnePostConstraint(m, d)
-            self._store(i, d)
+            self._store(i, d, views)
 
     def close(self) -> None:
         if self._executor is not None:
