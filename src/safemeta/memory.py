@@ -5,7 +5,7 @@ trim threshold is free (dynamically twice the mmap threshold, at most 64 MiB). A
 allocates and frees the same large tensors on every update (CVPO's critic values at the
 particles: several [E, B K, hidden] temporaries of 30 MB) then faults those pages in again on every
 call, and system time grows. `keep_freed_memory` raises the trim threshold and fixes the mmap
-threshold at glibc's maximum (mallopt), so that freed blocks are reused. The arithmetic stays
+threshold at the dynamic threshold's ceiling (mallopt), so that freed blocks are reused. The arithmetic stays
 the same; what changes is the system time (README "Performance").
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import ctypes
 import sys
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc's <malloc.h>
-MMAP_THRESHOLD = 32 << 20                      # glibc's largest (HEAP_MAX_SIZE / 2 on 64-bit)
+MMAP_THRESHOLD = 32 << 20                      # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 TRIM_THRESHOLD = 1 << 30
 
 
