@@ -263,37 +263,3 @@ def test_missing_and_mismatched_inputs_are_named(workdir, capsys):
     assert "nope.json does not exist" in capsys.readouterr().err
     assert run("meta-train", *base[:2], "--scenario", "other", *base[4:], "--tasks", "x", "--out-dir", "o") == 2
     assert "config key 'scenarios.other': not defined" in capsys.readouterr().err
-
-
-FAULTS_PER_PARTICLE_CALL = """
-import resource, sys, torch
-from safemeta.adaptation.cvpo import QEnsemble
-if sys.argv[1] == "keep":
-    from safemeta.memory import keep_freed_memory
-    assert keep_freed_memory()
-torch.set_num_threads(1)
-g = torch.Generator().manual_seed(0)
-q = QEnsemble(30, (256, 256), 3, g)
-obs, act = torch.randn(300, 28, generator=g), torch.randn(300, 32, 2, generator=g)
-q.particles(obs, act); q.particles(obs, act)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    q.particles(obs, act)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_cli_keeps_freed_memory_so_cvpo_particle_values_fault_in_no_new_pages(monkeypatch, tmp_path):
-    """CVPO's particle values at the released sizes (three 30 MB temporaries per call): once the
-    thresholds are set, as every `safemeta` command sets them, repeated calls reuse the freed
-    memory. With glibc's defaults, the same calls faulted in about 45 (huge) pages each on the
-    machine that measured it."""
-    calls = []
-    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1))
-    assert cli.main(["tasks", "--config", str(tmp_path / "missing.yaml"), "--scenario", "x", "--seed", "0",
-                     "--out", str(tmp_path / "tasks.json")]) == 2
-    assert calls == [1]
-    out = subprocess.run([sys.executable, "-c", FAULTS_PER_PARTICLE_CALL, "keep"], capture_output=True, text=True,
-                         check=True)
-    assert float(out.stdout) < 1.0

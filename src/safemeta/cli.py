@@ -30,7 +30,6 @@ from .devices import resolve_device
 from .evaluate import meta_test, sequence_vars
 from .inputs import (TASKS_FORMAT, InputError, check_architecture, check_policy_origin, input_identity,
                      load_policy_file, read_netcdf, read_tasks)
-from .memory import keep_freed_memory
 from .meta.base import train
 from .plugins import RESULT_FREE, build_learner, build_meta_learner, build_operator, build_scenario
 from .policies import TabularSoftmaxPolicy, policy_from_checkpoint
@@ -517,7 +516,6 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    keep_freed_memory()
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         args.func(args)
